@@ -1,0 +1,237 @@
+"""The `rsmtdf` command line. Every user-input problem ends in one line and a non-zero exit."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from .errors import RsmtdfError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="RS-MTDF semi-supervised segmentation with a precomputed teacher feature cache.")
+
+Recipe = Annotated[Optional[Path], typer.Option("--recipe", "-r", help="Recipe TOML (pipeline/*.toml).")]
+Root = Annotated[Optional[Path], typer.Option(help="Dataset folder (overrides the recipe).")]
+Output = Annotated[Optional[str], typer.Option("--output", "-o", help="Cache path or fsspec URL [default: cache/<dataset>].")]
+Teachers = Annotated[Optional[list[str]], typer.Option("--teacher", help="Teacher name (repeat); overrides the recipe.")]
+TeacherWeights = Annotated[Optional[list[str]], typer.Option("--teacher-weights", help="NAME=PATH of a weights file.")]
+Views = Annotated[Optional[int], typer.Option("--views", help="Views per sample (A).")]
+Crop = Annotated[Optional[int], typer.Option("--crop-size", help="View crop size in pixels.")]
+Storage = Annotated[Optional[str], typer.Option(help="float16 or int8 (per-token scale).")]
+ShardSamples = Annotated[Optional[int], typer.Option(help="Samples per shard [default: ~256 MB shards].")]
+
+
+def _env_int(*names: str) -> int | None:
+    for name in names:
+        if os.environ.get(name):
+            return int(os.environ[name])
+    return None
+
+
+class Plan:
+    """What an extraction (or its estimate) is: recipe plus command-line overrides, resolved once."""
+
+    def __init__(self, recipe: Path | None, root: Path | None, output: str | None, teacher: list[str] | None,
+                 teacher_weights: list[str] | None, views: int | None, crop_size: int | None,
+                 storage: str | None) -> None:
+        from .recipe import load_recipe
+
+        self.recipe = load_recipe(recipe)
+        data, tconf = self.recipe["data"], self.recipe["teachers"]
+        if root is not None:
+            data["root"] = str(root)
+        if views is not None:
+            self.recipe["views"]["count"] = views
+        if crop_size is not None:
+            self.recipe["views"]["crop_size"] = crop_size
+        if teacher:
+            tconf["names"] = teacher
+        if storage is not None:
+            tconf["storage"] = storage
+        if tconf["storage"] not in ("float16", "int8"):
+            raise RsmtdfError(f"--storage {tconf['storage']}: choose float16 or int8")
+        self.output = output or f"cache/{data['dataset']}"
+        self.weights = {}
+        for item in teacher_weights or []:
+            name, sep, path = item.partition("=")
+            if not sep:
+                raise RsmtdfError(f"--teacher-weights {item}: expected NAME=PATH")
+            self.weights[name] = path
+
+    def dataset(self):
+        from .data import open_dataset
+
+        data = self.recipe["data"]
+        return open_dataset(data["dataset"], data["root"], data["classes"])
+
+    def spec(self):
+        from .recipe import view_spec
+
+        return view_spec(self.recipe)
+
+    def teachers(self):
+        from .teachers import build_teachers
+
+        t = self.recipe["teachers"]
+        return build_teachers(t["names"], self.weights, sizes=t["sizes"])
+
+
+@app.command("extract-features")
+def extract_features(
+    recipe: Recipe = None, root: Root = None, output: Output = None, teacher: Teachers = None,
+    teacher_weights: TeacherWeights = None, views: Views = None, crop_size: Crop = None, storage: Storage = None,
+    shard_samples: ShardSamples = None,
+    shard_index: Annotated[Optional[int], typer.Option(help="This worker's index [default: RANK or SLURM_PROCID or 0].")] = None,
+    num_shards: Annotated[Optional[int], typer.Option(help="Workers in all [default: WORLD_SIZE or SLURM_NTASKS or 1].")] = None,
+    batch_size: Annotated[int, typer.Option(help="Views per teacher forward pass.")] = 8,
+    workers: Annotated[int, typer.Option(help="Loader processes decoding tiles and rendering views.")] = 2,
+    device: Annotated[str, typer.Option(help="cpu, cuda, cuda:1, ... [default: cuda if available].")] = "auto",
+) -> None:
+    """Run the frozen teachers once over every training tile and its views; write a Zarr cache.
+
+    Resumable: shards already written are skipped. Several workers own disjoint shards.
+
+    Examples:
+
+      rsmtdf extract-features -r pipeline/loveda.toml --root /data/LoveDA
+
+      torchrun --nproc-per-node 4 -m rsmtdf.cli extract-features -r pipeline/loveda.toml
+
+      rsmtdf extract-features -r pipeline/loveda.toml --teacher-weights clip_vitl14=ViT-L-14.pt -o s3://bucket/loveda
+    """
+    import torch
+
+    from .extract import extract
+
+    plan = Plan(recipe, root, output, teacher, teacher_weights, views, crop_size, storage)
+    index = shard_index if shard_index is not None else (_env_int("RANK", "SLURM_PROCID") or 0)
+    count = num_shards if num_shards is not None else (_env_int("WORLD_SIZE", "SLURM_NTASKS") or 1)
+    if device == "auto":
+        local = _env_int("LOCAL_RANK", "SLURM_LOCALID") or 0
+        device = f"cuda:{local}" if torch.cuda.is_available() else "cpu"
+    summary = extract(plan.dataset(), plan.recipe["data"]["splits"], plan.spec(), plan.teachers(), plan.output,
+                      shard_samples=shard_samples, shard_index=index, num_shards=count, batch_size=batch_size,
+                      num_workers=workers, storage=plan.recipe["teachers"]["storage"], device=device,
+                      bands=tuple(plan.recipe["data"]["bands"]), max_value=plan.recipe["data"]["max_value"])
+    typer.echo(summary.line())
+
+
+@app.command("inspect")
+def inspect_cache(
+    path: Annotated[Optional[str], typer.Argument(help="Cache path or URL.")] = None,
+    estimate: Annotated[bool, typer.Option("--estimate", help="Predict the size of a cache before extracting it.")] = False,
+    probe: Annotated[int, typer.Option(help="With --estimate: samples to run the teachers on to measure compression.")] = 2,
+    recipe: Recipe = None, root: Root = None, teacher: Teachers = None, teacher_weights: TeacherWeights = None,
+    views: Views = None, crop_size: Crop = None, storage: Storage = None, shard_samples: ShardSamples = None,
+) -> None:
+    """Print what a cache holds: dataset, teachers (shape, bytes on disk, compression), completeness.
+
+    Examples:
+
+      rsmtdf inspect cache/loveda
+
+      rsmtdf inspect --estimate -r pipeline/loveda.toml --root /data/LoveDA --views 8
+    """
+    from .report import estimate_size, format_cache
+
+    if estimate:
+        plan = Plan(recipe, root, path, teacher, teacher_weights, views, crop_size, storage)
+        typer.echo(estimate_size(plan, probe=probe, shard_samples=shard_samples))
+        return
+    if path is None:
+        raise RsmtdfError("inspect: give a cache PATH, or --estimate with extraction options")
+    from .cache import FeatureCache
+
+    typer.echo(format_cache(FeatureCache.open(path)))
+
+
+@app.command("show")
+def show(
+    path: Annotated[str, typer.Argument(help="Cache path or URL.")],
+    sample: Annotated[str, typer.Option("--sample", help="Sample id (see the cache's ids).")],
+    out: Annotated[Optional[Path], typer.Option("--out", help="PNG to write [default: <sample>.png].")] = None,
+) -> None:
+    """Write a PNG of a sample's stored views beside a PCA-to-RGB picture of each teacher's features.
+
+    Example:
+
+      rsmtdf show cache/loveda --sample Train/Rural/0_1 --out rural0.png
+    """
+    from .cache import FeatureCache
+    from .data import open_dataset
+    from .show import render_sample
+
+    cache = FeatureCache.open(path)
+    ds = cache.attrs["dataset"]
+    try:
+        dataset = open_dataset(ds["name"], ds["root"], ds["classes"])
+    except RsmtdfError:
+        dataset = None  # the dataset moved: show the features alone
+    out = out or Path(sample.replace("/", "_") + ".png")
+    render_sample(cache, sample, out, dataset)
+    typer.echo(f"wrote {out}")
+
+
+@app.command("make-splits")
+def make_splits_cmd(
+    recipe: Recipe = None, root: Root = None,
+    out: Annotated[Optional[Path], typer.Option(help="Folder for the lists [default: the recipe's splits].")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the shuffle (the reference used none).")] = 0,
+) -> None:
+    """Write DWL-protocol split lists: 1 %, 5 %, 10 % labeled per domain; official Val 50/50 val/test.
+
+    Example:
+
+      rsmtdf make-splits -r pipeline/loveda.toml --root /data/LoveDA
+    """
+    from .splits import make_splits, splits_sha256
+
+    plan = Plan(recipe, root, None, None, None, None, None, None)
+    target = out or Path(plan.recipe["data"]["splits"])
+    counts = make_splits(plan.dataset(), target, seed)
+    typer.echo(", ".join(f"{k}: {v}" for k, v in counts.items()))
+    typer.echo(f"wrote {len(counts)} lists to {target} (sha256 {splits_sha256(target)[:12]})")
+
+
+@app.command("demo")
+def demo(
+    workdir: Annotated[Path, typer.Option(help="Where the generated data, cache and run go.")] = Path("runs/demo"),
+) -> None:
+    """The whole pipeline offline on generated land-cover scenes, with EfficientNet-Lite teachers.
+
+    Example:
+
+      rsmtdf demo --workdir runs/demo
+    """
+    from .demo import run_demo
+
+    run_demo(workdir)
+
+
+def main() -> None:
+    """Entry point: user-input errors print one line and exit 2; no traceback."""
+    try:
+        app(standalone_mode=False)
+    except RsmtdfError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        typer.echo("interrupted", err=True)
+        sys.exit(130)
+    except Exception as exc:  # click usage errors carry their own exit codes
+        import click
+
+        if isinstance(exc, click.exceptions.ClickException):
+            exc.show()
+            sys.exit(exc.exit_code)
+        if isinstance(exc, click.exceptions.Abort):
+            sys.exit(1)
+        raise
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,100 @@
+"""DWL-protocol split lists: labeled fractions per domain, and the official Val split 50/50.
+
+The reference code shuffles without a seed; here the lists come from the dataset's sorted ids and
+a fixed seed, are committed under `pipeline/splits/<dataset>/`, and their sha256 is recorded in
+every cache and checkpoint so a run can tell that it uses the lists its cache was made with.
+
+```
+<dir>/1pct/labeled.txt  1pct/unlabeled.txt  5pct/...  10pct/...  val.txt  test.txt
+```
+"""
+
+from __future__ import annotations
+
+import hashlib
+import zlib
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+from .data import SegmentationDataset
+from .errors import RsmtdfError
+
+FRACTIONS = {"1pct": 0.01, "5pct": 0.05, "10pct": 0.10}
+
+
+def _by_domain(dataset: SegmentationDataset, split: str) -> dict[str, list[str]]:
+    groups: dict[str, list[str]] = defaultdict(list)
+    for r in dataset.records:
+        if r.split == split:
+            groups[r.domain].append(r.id)
+    return {d: sorted(ids) for d, ids in sorted(groups.items())}
+
+
+def _shuffled(ids: list[str], seed: int, key: str) -> list[str]:
+    rng = np.random.default_rng([seed, zlib.crc32(key.encode())])
+    return [ids[j] for j in rng.permutation(len(ids))]
+
+
+def make_splits(dataset: SegmentationDataset, out: str | Path, seed: int = 0,
+                fractions: dict[str, float] | None = None) -> dict[str, int]:
+    """Write the split lists; returns the number of ids in each file.
+
+    Labeled sets are prefixes of one seeded permutation per domain, so 1 % ⊂ 5 % ⊂ 10 %.
+    """
+    out = Path(out)
+    fractions = FRACTIONS if fractions is None else fractions
+    train, val = _by_domain(dataset, "train"), _by_domain(dataset, "val")
+    if not train:
+        raise RsmtdfError(f"{dataset.root}: no training images to split")
+    files: dict[str, list[str]] = {}
+    for name, frac in fractions.items():
+        labeled, unlabeled = [], []
+        for domain, ids in train.items():
+            order = _shuffled(ids, seed, f"train/{domain}")
+            n = max(1, round(frac * len(ids)))
+            labeled += order[:n]
+            unlabeled += order[n:]
+        files[f"{name}/labeled.txt"], files[f"{name}/unlabeled.txt"] = sorted(labeled), sorted(unlabeled)
+    files["val.txt"], files["test.txt"] = [], []
+    for domain, ids in val.items():
+        order = _shuffled(ids, seed, f"val/{domain}")
+        half = (len(order) + 1) // 2
+        files["val.txt"] += order[:half]
+        files["test.txt"] += order[half:]
+    for rel, ids in files.items():
+        path = out / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("".join(f"{i}\n" for i in sorted(ids)))
+    return {rel: len(ids) for rel, ids in files.items()}
+
+
+def splits_sha256(splits_dir: str | Path) -> str:
+    """Hash of every list under the folder (names and contents), recorded in caches and checkpoints."""
+    root = Path(splits_dir)
+    files = sorted(root.rglob("*.txt"))
+    if not files:
+        raise RsmtdfError(f"{root}: no split lists here (run `rsmtdf make-splits` first)")
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f.relative_to(root).as_posix().encode() + b"\0" + f.read_bytes() + b"\0")
+    return h.hexdigest()
+
+
+def split_names(splits_dir: str | Path) -> list[str]:
+    root = Path(splits_dir)
+    return sorted({p.parent.name for p in root.glob("*/labeled.txt")})
+
+
+def read_list(splits_dir: str | Path, name: str) -> list[str]:
+    """Ids of a list: `val`, `test`, `<split>/labeled` or `<split>/unlabeled`."""
+    path = Path(splits_dir) / f"{name}.txt"
+    if not path.is_file():
+        known = split_names(splits_dir)
+        raise RsmtdfError(f"{path}: no such split list (splits here: {', '.join(known) or 'none'}; plus val, test)")
+    return [line.strip() for line in path.read_text().splitlines() if line.strip()]
+
+
+def describe(splits_dir: str | Path) -> dict:
+    return {"dir": str(Path(splits_dir).resolve()), "sha256": splits_sha256(splits_dir)}
