@@ -124,9 +124,9 @@ def extract_features(
 def inspect_cache(
     path: Annotated[Optional[str], typer.Argument(help="Cache path or URL.")] = None,
     estimate: Annotated[bool, typer.Option("--estimate", help="Predict the size of a cache before extracting it.")] = False,
-    probe: Annotated[int, typer.Option(help="With --estimate: samples to run the teachers on to measure compression.")] = 2,
+    probe: Annotated[int, typer.Option(help="With --estimate: samples to run the teachers on to measure compression.")] = 4,
     recipe: Recipe = None, root: Root = None, teacher: Teachers = None, teacher_weights: TeacherWeights = None,
-    views: Views = None, crop_size: Crop = None, storage: Storage = None, shard_samples: ShardSamples = None,
+    views: Views = None, crop_size: Crop = None, storage: Storage = None,
 ) -> None:
     """Print what a cache holds: dataset, teachers (shape, bytes on disk, compression), completeness.
 
@@ -140,7 +140,7 @@ def inspect_cache(
 
     if estimate:
         plan = Plan(recipe, root, path, teacher, teacher_weights, views, crop_size, storage)
-        typer.echo(estimate_size(plan, probe=probe, shard_samples=shard_samples))
+        typer.echo(estimate_size(plan, probe=probe))
         return
     if path is None:
         raise RsmtdfError("inspect: give a cache PATH, or --estimate with extraction options")

@@ -109,9 +109,18 @@ class Record:
     window: tuple[int, int, int] | None = None  # (row, col, size) inside the scene
 
 
-@functools.lru_cache(maxsize=4)
 def _read_raster(path: Path) -> tuple[np.ndarray, str | None, tuple[float, ...] | None]:
     """Whole raster as H×W×C plus CRS and affine; cached so the tiles of one scene decode it once."""
+    _check_png_end(path)
+    try:
+        st = path.stat()
+    except OSError as exc:
+        raise RsmtdfError(f"{path}: unreadable image ({exc.strerror})") from None
+    return _read_raster_cached(path, st.st_mtime_ns, st.st_size)
+
+
+@functools.lru_cache(maxsize=4)
+def _read_raster_cached(path: Path, mtime_ns: int, size: int) -> tuple[np.ndarray, str | None, tuple[float, ...] | None]:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", NotGeoreferencedWarning)
@@ -122,6 +131,23 @@ def _read_raster(path: Path) -> tuple[np.ndarray, str | None, tuple[float, ...] 
     except RasterioIOError as exc:
         raise RsmtdfError(f"{path}: unreadable image ({_first_line(exc)})") from None
     return np.ascontiguousarray(data.transpose(1, 2, 0)), crs, transform
+
+
+def _check_png_end(path: Path) -> None:
+    """A PNG cut short decodes to zeros without any error in GDAL's fast whole-image path: refuse it.
+
+    Only files with the PNG signature are checked (GDAL judges the rest); IEND must be in the last bytes.
+    """
+    try:
+        with open(path, "rb") as f:
+            if f.read(8) != b"\x89PNG\r\n\x1a\n":
+                return
+            f.seek(max(0, f.seek(0, 2) - 4096))
+            tail = f.read()
+    except OSError:
+        return  # rasterio reports unopenable files
+    if b"IEND" not in tail:
+        raise RsmtdfError(f"{path}: truncated image (the PNG ends before its IEND chunk)")
 
 
 def _first_line(exc: Exception) -> str:
@@ -230,7 +256,7 @@ class SegmentationDataset:
             mask = None if mask is None else mask[row : row + size, col : col + size]
             if transform is not None:
                 transform = tuple(rasterio.windows.transform(Window(col, row, size, size), rasterio.Affine(*transform)))[:6]
-        return Sample(r.id, np.ascontiguousarray(image), mask, crs, transform)
+        return Sample(r.id, np.array(image), mask, crs, transform)  # a copy: the decoded scene is cached
 
     def subset(self, ids: list[str]) -> SegmentationDataset:
         """The same dataset restricted to `ids`: for probes, tests and partial runs."""

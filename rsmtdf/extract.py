@@ -105,25 +105,27 @@ def extract(dataset: SegmentationDataset, splits_dir: str, spec: ViewSpec, teach
     start, written, pending = time.perf_counter(), 0, None
     bar = tqdm(total=len(order), unit="sample", desc=f"extract {output}", disable=not progress, dynamic_ncols=True)
     items = iter(loader)
-    with ThreadPoolExecutor(max_workers=1) as writer:
-        for k in todo:
-            r = cache.shard_range(k)
-            params, crops = [], []
-            for _ in r:
-                item = next(items)
-                if isinstance(item, str):
-                    raise RsmtdfError(item)
-                params.append(item[1])
-                crops.append(item[2])
-                bar.update(1)
-            targets = _run_teachers(teachers, torch.cat(crops), batch_size, device, len(r), spec.count)
+    try:  # close the bar even on an error, so the error line comes after it
+        with ThreadPoolExecutor(max_workers=1) as writer:
+            for k in todo:
+                r = cache.shard_range(k)
+                params, crops = [], []
+                for _ in r:
+                    item = next(items)
+                    if isinstance(item, str):
+                        raise RsmtdfError(item)
+                    params.append(item[1])
+                    crops.append(item[2])
+                    bar.update(1)
+                targets = _run_teachers(teachers, torch.cat(crops), batch_size, device, len(r), spec.count)
+                if pending is not None:
+                    written += pending.result()
+                pending = writer.submit(cache.write_shard, k, np.stack(params), targets)
+                bar.set_postfix(shards=f"{todo.index(k) + 1}/{len(todo)}")
             if pending is not None:
                 written += pending.result()
-            pending = writer.submit(cache.write_shard, k, np.stack(params), targets)
-            bar.set_postfix(shards=f"{todo.index(k) + 1}/{len(todo)}")
-        if pending is not None:
-            written += pending.result()
-    bar.close()
+    finally:
+        bar.close()
     missing = cache.missing_shards()
     if not missing and not cache.attrs.get("complete"):
         cache.finalize()

