@@ -197,6 +197,113 @@ def make_splits_cmd(
     typer.echo(f"wrote {len(counts)} lists to {target} (sha256 {splits_sha256(target)[:12]})")
 
 
+@app.command("train")
+def train(
+    cache: Annotated[str, typer.Option("--cache", help="Finalized feature cache (path or URL).")],
+    split: Annotated[str, typer.Option("--split", help="Labeled split: 1pct, 5pct, 10pct, ...")] = "5pct",
+    recipe: Recipe = None,
+    run: Annotated[Optional[Path], typer.Option("--run", help="Run folder [default: runs/<dataset>-<split>].")] = None,
+    teachers: Annotated[str, typer.Option("--teachers", help="cached, online or online-strong.")] = "cached",
+    teacher_weights: TeacherWeights = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the run from RUN/latest.pt.")] = False,
+    max_steps: Annotated[Optional[int], typer.Option(help="Stop the schedule after this many steps.")] = None,
+    epochs: Annotated[Optional[int], typer.Option(help="Epochs (overrides the recipe).")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="Batch per process (overrides the recipe).")] = None,
+    lr: Annotated[Optional[float], typer.Option(help="Encoder learning rate (overrides the recipe).")] = None,
+    checkpoint_every: Annotated[int, typer.Option(help="Also write latest.pt every N steps (0: at evaluations).")] = 0,
+    workers: Annotated[Optional[int], typer.Option(help="Loader processes per rank.")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Seed (overrides the recipe).")] = None,
+) -> None:
+    """Train the RS-MTDF student and fusion decoder semi-supervised from cached teacher targets.
+
+    The dataset, split lists and views come from the cache's attributes.
+
+    Examples:
+
+      rsmtdf train --cache cache/loveda --split 5pct
+
+      torchrun --nproc-per-node 4 -m rsmtdf.cli train --cache cache/loveda --split 1pct -r pipeline/loveda.toml
+
+      rsmtdf train --cache cache/loveda --split 5pct --teachers online-strong   # the paper's code's semantics
+    """
+    from .recipe import load_recipe
+    from .train import Trainer, setup_distributed
+
+    r = load_recipe(recipe)
+    for key, value in (("max_steps", max_steps), ("epochs", epochs), ("batch_size", batch_size), ("lr", lr),
+                       ("workers", workers), ("seed", seed)):
+        if value is not None:
+            r["train"][key] = value
+    if recipe is None:  # no recipe: take what the cache was made with
+        from .cache import FeatureCache
+
+        a = FeatureCache.open(cache).attrs
+        r["data"]["dataset"], r["views"]["crop_size"] = a["dataset"]["name"], a["views"]["crop_size"]
+        r["teachers"]["names"] = [t["name"] for t in a["teachers"]]
+    device = setup_distributed()
+    weights = Plan(None, None, None, None, teacher_weights, None, None, None).weights
+    run = run or Path(f"runs/{r['data']['dataset']}-{split}")
+    trainer = Trainer(cache, split, r, run, teachers, device, weights, resume, checkpoint_every)
+    result = trainer.fit()
+    if trainer.rank == 0:
+        typer.echo(f"trained {result['steps']} steps ({result['steps_per_s']:.2f} steps/s), last loss "
+                   f"{result.get('loss', float('nan')):.4f}; best val mIoU {trainer.best['mIoU']:.2f} "
+                   f"(EMA {trainer.best['mIoU_ema']:.2f}) at step {trainer.best['step']}; checkpoints in {run}")
+
+
+@app.command("evaluate")
+def evaluate_cmd(
+    checkpoint: Annotated[Path, typer.Option("--checkpoint", help="A run's best.pt or latest.pt.")],
+    split: Annotated[str, typer.Option("--split", help="val or test (or any list in the split folder).")] = "test",
+    mode: Annotated[str, typer.Option("--mode", help="whole (tile at once) or sliding (crop windows).")] = "whole",
+    model: Annotated[str, typer.Option("--model", help="ema or student.")] = "ema",
+    out: Annotated[Optional[Path], typer.Option("--out", help="JSON of the metrics [default: beside the checkpoint].")] = None,
+    cache: Annotated[Optional[str], typer.Option("--cache", help="Evaluate on this cache's dataset and splits instead.")] = None,
+) -> None:
+    """Evaluate a checkpoint: mIoU, per-class IoU and F1, OA and kappa, as a table and as JSON.
+
+    Example:
+
+      rsmtdf evaluate --checkpoint runs/loveda-5pct/best.pt --split test --mode sliding
+    """
+    import json
+
+    import torch
+
+    from .checkpoint import load_checkpoint
+    from .data import open_dataset
+    from .evaluate import MODES, evaluate
+    from .metrics import format_table
+    from .model import Student
+    from .splits import read_list
+
+    if mode not in MODES or model not in ("ema", "student"):
+        raise RsmtdfError(f"--mode {mode} --model {model}: choose mode from {MODES} and model from ema, student")
+    ckpt = load_checkpoint(checkpoint)
+    ident = ckpt["identity"]
+    ds, splits = ident["dataset"], ident["splits"]["dir"]
+    if cache is not None:
+        from .cache import FeatureCache
+
+        a = FeatureCache.open(cache).attrs
+        if a["dataset"]["classes"] != ident["class_names"]:
+            raise RsmtdfError(f"{checkpoint}: model has {len(ident['class_names'])} classes {ident['class_names']}, "
+                              f"cache {cache} has {len(a['dataset']['classes'])} {a['dataset']['classes']}")
+        ds, splits = a["dataset"], a["splits"]["dir"]
+    dataset = open_dataset(ds["name"], ds["root"], ds["classes"])
+    net = Student.from_config(ident["model"])
+    net.load_state_dict(ckpt[model])
+    recipe = json.loads(ckpt["recipe"])
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    metrics = evaluate(net.to(device), dataset, read_list(splits, split), len(ident["class_names"]), device, mode,
+                       ident["model"]["crop_size"], tuple(recipe["data"]["bands"]), recipe["data"]["max_value"])
+    typer.echo(format_table(metrics, ident["class_names"]))
+    out = out or checkpoint.with_name(f"{checkpoint.stem}-{split}-{mode}-{model}.json")
+    out.write_text(json.dumps({"checkpoint": str(checkpoint), "split": split, "mode": mode, "model": model,
+                               "classes": ident["class_names"], **metrics}, indent=2))
+    typer.echo(f"wrote {out}")
+
+
 @app.command("demo")
 def demo(
     workdir: Annotated[Path, typer.Option(help="Where the generated data, cache and run go.")] = Path("runs/demo"),

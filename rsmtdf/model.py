@@ -249,7 +249,9 @@ class Student(nn.Module):
             deepest = {tuple(x.shape[-2:]): f}  # one encoder run per distinct input size
             fused = 0
             for t in self.teachers:
-                size = (t.input_size, t.input_size)
+                # a teacher at the crop size reads the student's own pass, whatever the input size
+                # (whole tiles at evaluation); others see the input resized to their size (CLIP: 224)
+                size = tuple(x.shape[-2:]) if t.input_size == self.config["crop_size"] else (t.input_size,) * 2
                 if size not in deepest:
                     deepest[size] = self.encoder(_resize(x, size, align_corners=True))[-1]
                 f_t = _resize(deepest[size], (t.grid, t.grid), align_corners=False)

