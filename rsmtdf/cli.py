@@ -202,7 +202,7 @@ def train(
     cache: Annotated[str, typer.Option("--cache", help="Finalized feature cache (path or URL).")],
     split: Annotated[str, typer.Option("--split", help="Labeled split: 1pct, 5pct, 10pct, ...")] = "5pct",
     recipe: Recipe = None,
-    run: Annotated[Optional[Path], typer.Option("--run", help="Run folder [default: runs/<dataset>-<split>].")] = None,
+    run: Annotated[Optional[Path], typer.Option("--run-dir", help="Run folder [default: runs/<dataset>-<split>].")] = None,
     teachers: Annotated[str, typer.Option("--teachers", help="cached, online or online-strong.")] = "cached",
     teacher_weights: TeacherWeights = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run from RUN/latest.pt.")] = False,
@@ -302,6 +302,38 @@ def evaluate_cmd(
     out.write_text(json.dumps({"checkpoint": str(checkpoint), "split": split, "mode": mode, "model": model,
                                "classes": ident["class_names"], **metrics}, indent=2))
     typer.echo(f"wrote {out}")
+
+
+@app.command("bench")
+def bench(
+    part: Annotated[str, typer.Argument(help="step, extract, read, size or all.")] = "all",
+    quick: Annotated[bool, typer.Option("--quick", help="Tiny sizes for CI (about a minute on CPU).")] = False,
+    full: Annotated[bool, typer.Option("--full", help="The paper's sizes: crop 518, DINOv2-S student, DINOv2-B + CLIP-L (GPU).")] = False,
+    out: Annotated[Optional[Path], typer.Option("--out", help="Write the results as JSON here.")] = None,
+    device: Annotated[Optional[str], typer.Option(help="cpu or cuda [default: cuda when present].")] = None,
+    threads: Annotated[Optional[int], typer.Option(help="torch intra-op threads [default: torch's].")] = None,
+) -> None:
+    """Measure the goals of DESIGN §6 as ratios of two timings taken in this run, and print a table.
+
+    Examples:
+
+      rsmtdf bench all --out bench.json
+
+      rsmtdf bench step --quick
+
+      rsmtdf bench all --full --out bench-gpu.json   # on a GPU
+    """
+    from .bench import PARTS, format_table, run
+
+    if part not in (*PARTS, "all"):
+        raise RsmtdfError(f"bench {part}: choose one of {', '.join(PARTS)}, all")
+    if quick and full:
+        raise RsmtdfError("bench: give --quick or --full, not both")
+    results = run(list(PARTS) if part == "all" else [part], "quick" if quick else "full" if full else "default",
+                  device, out, echo=lambda line: typer.echo(line, err=True), threads=threads)
+    typer.echo(format_table(results))
+    if out is not None:
+        typer.echo(f"wrote {out}")
 
 
 @app.command("demo")

@@ -376,7 +376,7 @@ class Trainer:
         log = open(self.run_dir / "metrics.jsonl", "a") if self.rank == 0 else None
         bar = tqdm(total=self.total, initial=self.step, desc="train", unit="step", disable=not self.progress or self.rank,
                    dynamic_ncols=True)
-        start_time, last = time.perf_counter(), {}
+        start_time, start_step, last = time.perf_counter(), self.step, {}
         while self.step < self.total:
             epoch, offset = divmod(self.step, self.steps_per_epoch)
             for inp in self._batches(epoch, offset):
@@ -397,7 +397,7 @@ class Trainer:
         bar.close()
         if log:
             log.close()
-        rate = (bar.n - bar.initial) / max(time.perf_counter() - start_time, 1e-9)
+        rate = (self.step - start_step) / max(time.perf_counter() - start_time, 1e-9)
         return {**last, "steps": self.step, "steps_per_s": rate, "best": self.best}
 
     def _evaluate(self, log) -> None:

@@ -37,6 +37,7 @@ def _seed() -> None:
 
 def random_teacher(name: str, input_size: int) -> Teacher:
     """A registry teacher with random weights at a small input size, its 1-D parameters randomised."""
+    torch.manual_seed(0)
     teacher = Teacher(replace(teacher_config(name), input_size=input_size), pretrained=False)
     with torch.no_grad():
         for pname, p in teacher.model.named_parameters():
@@ -91,10 +92,14 @@ def dinov2_blocks(model: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
     return outputs
 
 
+@pytest.fixture(scope="module")
+def dinov2() -> Teacher:
+    return random_teacher("dinov2_vitb14", 70)
+
+
 @pytest.mark.parametrize("view_size", [70, 98], ids=["native-size", "resized"])
-def test_dinov2_target_is_block11_patch_tokens_after_final_norm(view_size):
-    teacher = random_teacher("dinov2_vitb14", 70)
-    model = teacher.model
+def test_dinov2_target_is_block11_patch_tokens_after_final_norm(dinov2, view_size):
+    teacher, model = dinov2, dinov2.model
     assert len(model.blocks) == 12 and model.num_prefix_tokens == 1 and teacher.grid == 5
 
     views = torch.rand(2, 3, view_size, view_size)

@@ -1,0 +1,36 @@
+"""`rsmtdf bench`: every part runs (quick sizes) and reports finite, positive ratios; figures not judged."""
+
+from __future__ import annotations
+
+import json
+import math
+
+from conftest import run_cli
+from rsmtdf.bench import PARTS, median_time
+
+
+def test_median_time_warms_up_and_takes_the_median():
+    calls = []
+    r = median_time(lambda: calls.append(1), repeats=3, warmup=2)
+    assert len(calls) == 5 and len(r["times_s"]) == 3 and r["median_s"] >= 0
+
+
+def test_bench_all_quick_writes_every_part(tmp_path):
+    out = tmp_path / "bench.json"
+    proc = run_cli("bench", "all", "--quick", "--threads", "1", "--out", out, check=True)
+    assert "| step" in proc.stdout and "cpu" in proc.stdout.lower()
+    res = json.loads(out.read_text())
+    assert set(res["parts"]) == set(PARTS)
+    assert res["machine"]["torch"] and res["machine"]["cores"] >= 1
+    for part in PARTS:
+        ratios = res["parts"][part]["ratios"]
+        assert ratios, part
+        for name, r in ratios.items():
+            assert math.isfinite(r["value"]) and r["value"] > 0, (part, name, r)
+            if "predicted" in r:
+                assert math.isfinite(r["predicted"]) and r["predicted"] > 0, (part, name, r)
+
+
+def test_bench_refuses_an_unknown_part():
+    proc = run_cli("bench", "nonsense")
+    assert proc.returncode == 2 and "choose one of" in proc.stderr

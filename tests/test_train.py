@@ -1,0 +1,231 @@
+"""Stage two: cached/online parity, resume after SIGKILL, teacher-free checkpoints, DDP, real scenes, errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import ROOT, run_cli, write_recipe
+from rsmtdf.data import open_dataset
+from rsmtdf.splits import make_splits
+
+STUDENT = """
+[student]
+encoder = "vit_small_patch14_dinov2"
+pretrained = false
+translator_hidden = 64
+kwargs = { embed_dim = 48, depth = 4, num_heads = 3 }
+[train]
+batch_size = 2
+lr = 1e-4
+head_lr_multiplier = 10.0
+workers = 0
+eval_every = 1000
+"""
+TEACHERS = '["effnet_lite0", "effnet_lite1"]'
+SIZES = "{ effnet_lite0 = 56, effnet_lite1 = 28 }"  # lite1 at 28 px: the CLIP-like second student pass
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, synthetic_root):
+    """A finalized cache of the generated scenes and a recipe with a tiny ViT student."""
+    tmp = tmp_path_factory.mktemp("train")
+    make_splits(open_dataset("loveda", synthetic_root), tmp / "splits")
+    recipe = write_recipe(tmp / "recipe.toml", synthetic_root, tmp / "splits", teachers=TEACHERS, sizes=SIZES,
+                          extra=STUDENT)
+    run_cli("extract-features", "-r", recipe, "-o", tmp / "cache", "--workers", "0", check=True)
+    return recipe, tmp / "cache", tmp
+
+
+def _train(setup, run: Path, *extra: str, check: bool = True, env: dict | None = None):
+    recipe, cache, _ = setup
+    return run_cli("train", "--cache", cache, "--split", "10pct", "-r", recipe, "--run-dir", run, *extra, check=check, env=env)
+
+
+def _losses(run: Path) -> list[dict]:
+    return [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+
+
+def test_cached_and_online_see_the_same_targets_and_losses(setup, tmp_path):
+    from rsmtdf.recipe import load_recipe
+    from rsmtdf.train import Trainer, targets_for
+
+    recipe, cache, _ = setup
+    r = load_recipe(recipe)
+    cached = Trainer(str(cache), "10pct", r, tmp_path / "a", "cached", progress=False)
+    online = Trainer(str(cache), "10pct", r, tmp_path / "b", "online", progress=False)
+    for bc, bo in zip(cached._batches(0, 0), online._batches(0, 0)):
+        assert torch.equal(bc.xs, bo.xs) and torch.equal(bc.box, bo.box)
+        tc = targets_for("cached", [], bc, None)
+        to = targets_for("online", online.teachers, bo, None)
+        assert tc.keys() == to.keys() == {"effnet_lite0", "effnet_lite1"}
+        for name in tc:  # same targets to float16 rounding (one fp16 ulp over float32 batch noise)
+            torch.testing.assert_close(tc[name], to[name], rtol=2**-10, atol=1e-5 * to[name].abs().max().item())
+
+    _train(setup, tmp_path / "cached", "--max-steps", "20")
+    _train(setup, tmp_path / "online", "--max-steps", "20", "--teachers", "online")
+    lc, lo = _losses(tmp_path / "cached"), _losses(tmp_path / "online")
+    assert len(lc) == len(lo) == 20
+    for a, b in zip(lc, lo):
+        for key in ("loss", "loss_sup", "loss_unsup", "loss_distill"):
+            assert abs(a[key] - b[key]) <= 1e-3 * max(abs(a[key]), 1e-8), (a["step"], key, a[key], b[key])
+
+
+def test_online_strong_runs_on_the_mixed_input(setup, tmp_path):
+    proc = _train(setup, tmp_path / "strong", "--max-steps", "2", "--teachers", "online-strong")
+    assert "trained 2 steps" in proc.stdout
+    assert all(np.isfinite(r["loss_distill"]) for r in _losses(tmp_path / "strong"))
+
+
+def _cli(setup, run: Path, *extra: str) -> list[str]:
+    recipe, cache, _ = setup
+    return [sys.executable, "-m", "rsmtdf.cli", "train", "--cache", str(cache), "--split", "10pct", "-r", str(recipe),
+            "--run-dir", str(run), *extra]
+
+
+def test_resume_after_sigkill_continues_the_same_trajectory(setup, tmp_path):
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    args = ("--max-steps", "8", "--checkpoint-every", "4")
+    subprocess.run(_cli(setup, whole, *args), check=True, capture_output=True, cwd=ROOT)
+    proc = subprocess.Popen(_cli(setup, killed, *args), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    latest, deadline = killed / "latest.pt", time.time() + 300
+    while time.time() < deadline and not latest.exists():
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    step = torch.load(latest, weights_only=True)["step"]
+    assert step == 4, "the kill must land between the mid-run checkpoint and the end"
+    subprocess.run(_cli(setup, killed, *args, "--resume"), check=True, capture_output=True, cwd=ROOT)
+    a = torch.load(whole / "latest.pt", weights_only=True)
+    b = torch.load(killed / "latest.pt", weights_only=True)
+    assert a["step"] == b["step"] == 8
+    for part in ("student", "ema"):
+        for key in a[part]:
+            diff = (a[part][key].float() - b[part][key].float()).abs().max().item() if a[part][key].numel() else 0
+            assert diff < 1e-6, (part, key, diff)
+
+
+def test_checkpoint_holds_no_teacher(setup, tmp_path):
+    _train(setup, tmp_path / "run", "--max-steps", "1")
+    path = tmp_path / "run" / "latest.pt"
+    ckpt = torch.load(path, weights_only=True)
+    assert {k.split(".")[0] for k in ckpt["student"]} == {"encoder", "head", "translators", "projections"}
+    student_bytes = sum(v.numel() * v.element_size() for v in ckpt["student"].values())
+    # student + EMA + AdamW's two moments: 4 copies of the student, and nothing teacher-sized
+    teacher_bytes = sum(p.numel() * 4 for p in __import__("timm").create_model("tf_efficientnet_lite0").parameters())
+    assert 4 * student_bytes <= path.stat().st_size < 4 * student_bytes * 1.1 + 200_000
+    assert teacher_bytes > 0.25 * path.stat().st_size  # a teacher inside would have been seen
+
+
+def test_torchrun_two_processes_on_cpu(setup, tmp_path):
+    recipe, cache, _ = setup
+    run = tmp_path / "ddp"
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "rsmtdf.cli", "train",
+         "--cache", str(cache), "--split", "10pct", "-r", str(recipe), "--run-dir", str(run), "--max-steps", "2"],
+        cwd=ROOT, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert sorted(p.name for p in run.glob("*.pt")) == ["best.pt", "latest.pt"]
+    assert torch.load(run / "latest.pt", weights_only=True)["step"] == 2
+    assert proc.stdout.count("trained 2 steps") == 1  # rank 0 alone reports
+
+
+def test_real_scenes_extract_train_evaluate(tmp_path, loveda_sample):
+    splits = tmp_path / "splits"
+    make_splits(open_dataset("loveda", loveda_sample), splits)
+    recipe = write_recipe(tmp_path / "r.toml", loveda_sample, splits, teachers=TEACHERS, sizes=SIZES, extra=STUDENT)
+    run_cli("extract-features", "-r", recipe, "-o", tmp_path / "cache", "--workers", "0", check=True)
+    run_cli("train", "--cache", tmp_path / "cache", "--split", "1pct", "-r", recipe, "--run-dir", tmp_path / "run",
+            "--max-steps", "3", check=True)
+    out = run_cli("evaluate", "--checkpoint", tmp_path / "run" / "best.pt", "--split", "test", check=True).stdout
+    for name in ("background", "building", "road", "water", "barren", "forest", "agriculture"):
+        assert name in out
+    metrics = json.loads((tmp_path / "run" / "best-test-whole-ema.json").read_text())
+    assert len(metrics["IoU"]) == 7 and 0 <= metrics["OA"] <= 100
+    sliding = run_cli("evaluate", "--checkpoint", tmp_path / "run" / "best.pt", "--split", "val", "--mode", "sliding",
+                      check=True).stdout
+    assert "mIoU" in sliding
+
+
+def _assert_one_line_error(proc, *words: str) -> None:
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stdout + proc.stderr
+    line = [x for x in proc.stderr.splitlines() if x.strip()][-1]
+    assert line.startswith("error:"), proc.stderr[-2000:]
+    for w in words:
+        assert w in line, (w, line)
+
+
+def test_refuses_cache_for_another_teacher_set_or_dataset(setup, tmp_path):
+    recipe, cache, tmp = setup
+    other = write_recipe(tmp_path / "r.toml", tmp / "x", tmp / "splits", teachers='["effnet_lite1"]', extra=STUDENT)
+    _assert_one_line_error(run_cli("train", "--cache", cache, "--split", "10pct", "-r", other, "--run-dir", tmp_path / "r"),
+                           str(cache), "teachers")
+    potsdam = tmp_path / "p.toml"
+    potsdam.write_text(recipe.read_text().replace('dataset = "loveda"', 'dataset = "potsdam"'))
+    _assert_one_line_error(run_cli("train", "--cache", cache, "--split", "10pct", "-r", potsdam, "--run-dir", tmp_path / "r"),
+                           "dataset")
+
+
+def test_refuses_changed_split_lists_and_unknown_split(setup, tmp_path):
+    recipe, cache, tmp = setup
+    _assert_one_line_error(_train(setup, tmp_path / "r", "--split", "7pct", check=False), "7pct", "10pct")
+    lst = tmp / "splits" / "val.txt"
+    saved = lst.read_text()
+    try:
+        lst.write_text(saved + "Train/Rural/0_0\n")
+        _assert_one_line_error(_train(setup, tmp_path / "r", check=False), "split lists changed")
+    finally:
+        lst.write_text(saved)
+    assert not (tmp_path / "r" / "latest.pt").exists()
+
+
+def test_refuses_unfinalized_cache(setup, tmp_path):
+    recipe, _, _ = setup
+    run_cli("extract-features", "-r", recipe, "-o", tmp_path / "half", "--workers", "0", "--num-shards", "2",
+            "--shard-index", "0", "--shard-samples", "1", check=True)
+    proc = run_cli("train", "--cache", tmp_path / "half", "--split", "10pct", "-r", recipe, "--run-dir", tmp_path / "r")
+    _assert_one_line_error(proc, "not finalized", "3 shards unwritten")
+
+
+def test_refuses_checkpoint_of_another_model_or_class_count(setup, tmp_path):
+    recipe, cache, tmp = setup
+    run = tmp_path / "run"
+    _train(setup, run, "--max-steps", "1")
+    before = (run / "latest.pt").read_bytes()
+    wider = tmp_path / "w.toml"
+    wider.write_text(recipe.read_text().replace("embed_dim = 48", "embed_dim = 96"))
+    proc = run_cli("train", "--cache", cache, "--split", "10pct", "-r", wider, "--run-dir", run, "--resume")
+    _assert_one_line_error(proc, "latest.pt", "another model")
+    assert (run / "latest.pt").read_bytes() == before  # left untouched
+
+    # a cache whose class table differs: a folder dataset with 3 classes
+    folder = tmp_path / "folder"
+    (folder / "images").mkdir(parents=True)
+    (folder / "masks").mkdir()
+    from PIL import Image
+
+    Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(folder / "images" / "a.png")
+    Image.fromarray(np.zeros((64, 64), np.uint8)).save(folder / "masks" / "a.png")
+    fr = tmp_path / "f.toml"
+    fr.write_text(f'[data]\ndataset = "folder"\nroot = "{folder}"\nsplits = "{tmp_path / "fs"}"\nclasses = ["a", "b", "c"]\n'
+                  f'[views]\ncount = 1\ncrop_size = 56\n[teachers]\nnames = ["effnet_lite0"]\nsizes = {{ effnet_lite0 = 56 }}\n')
+    run_cli("make-splits", "-r", fr, check=True)
+    run_cli("extract-features", "-r", fr, "-o", tmp_path / "fcache", "--workers", "0", check=True)
+    proc = run_cli("evaluate", "--checkpoint", run / "latest.pt", "--cache", tmp_path / "fcache", "--split", "val")
+    _assert_one_line_error(proc, "latest.pt", "7 classes", "3")
+
+
+def test_refuses_unreadable_checkpoint(tmp_path):
+    bad = tmp_path / "best.pt"
+    bad.write_bytes(b"not a checkpoint")
+    _assert_one_line_error(run_cli("evaluate", "--checkpoint", bad), "best.pt", "not a readable checkpoint")
