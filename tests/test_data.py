@@ -116,3 +116,21 @@ def test_loveda_missing_domain_or_split_is_fine(tmp_path, loveda_sample):
     shutil.copytree(loveda_sample / "Train", tmp_path / "Train")
     ds = open_dataset("loveda", tmp_path)  # no Val/, no Urban/
     assert len(ds) == 8 and ds.ids_in("val") == []
+
+
+def test_committed_loveda_splits_are_make_splits_of_the_official_numbering(tmp_path):
+    """pipeline/splits/loveda is make_splits(seed 0) over the official release's file numbering."""
+    from pathlib import Path
+
+    from conftest import ROOT
+    from rsmtdf.data import LoveDA, Record
+
+    ranges = {("Train", "Rural"): range(0, 1366), ("Train", "Urban"): range(1366, 2522),
+              ("Val", "Rural"): range(2522, 3514), ("Val", "Urban"): range(3514, 4191)}
+    ds = LoveDA.__new__(LoveDA)
+    ds.root = Path("LoveDA")
+    ds.records = sorted([Record(f"{s}/{d}/{n}_{k}", Path(), Path(), s.lower(), d.lower(), (0, 0, 512))
+                         for (s, d), r in ranges.items() for n in r for k in range(4)], key=lambda r: r.id)
+    make_splits(ds, tmp_path, seed=0)
+    assert splits_sha256(tmp_path) == splits_sha256(ROOT / "pipeline" / "splits" / "loveda")
+    assert len(read_list(tmp_path, "1pct/labeled")) == 101  # 1 % of 5464 rural + 4624 urban tiles
