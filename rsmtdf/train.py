@@ -38,6 +38,7 @@ from .data import SegmentationDataset, open_dataset, to_unit_rgb
 from .errors import RsmtdfError
 from .evaluate import evaluate
 from .model import Student, TeacherSlot
+from .plots import plot_curves
 from .teachers import Teacher, build_teachers
 from .views import View, apply_view
 
@@ -397,6 +398,7 @@ class Trainer:
         bar.close()
         if log:
             log.close()
+            plot_curves(self.run_dir)
         rate = (self.step - start_step) / max(time.perf_counter() - start_time, 1e-9)
         return {**last, "steps": self.step, "steps_per_s": rate, "best": self.best}
 

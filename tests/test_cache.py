@@ -197,3 +197,18 @@ def test_show_writes_png_with_teacher_grid_panels(tiny, tmp_path):
     x0, y0 = panel["boxes"][0]
     cut = img[y0 : y0 + g * f, x0 : x0 + g * f]
     assert np.array_equal(np.repeat(np.repeat(cut[::f, ::f], f, 0), f, 1), cut)
+
+
+def test_fsspec_url_output(tiny):
+    """A cache written to an fsspec URL (in-memory filesystem here; s3:// etc. work the same)."""
+    recipe, out = tiny
+    summary, *_ = _extract(recipe, "memory://rsmtdf-test/cache")
+    assert summary.missing == [] and summary.shards_done == 3
+    cache = FeatureCache.open("memory://rsmtdf-test/cache")
+    assert cache.attrs["complete"] and len(cache.ids) == 6
+    _extract(recipe, out)
+    local = FeatureCache.open(out)
+    for i in range(6):
+        assert np.array_equal(cache.reader().read(i, 1)["effnet_lite0"], local.reader().read(i, 1)["effnet_lite0"])
+    again, *_ = _extract(recipe, "memory://rsmtdf-test/cache")
+    assert again.shards_skipped == 3
