@@ -286,7 +286,7 @@ def _exists(url: str) -> bool:
         return fs.exists(f"{path}/zarr.json")
     p = Path(url.removeprefix("file://"))
     if p.is_dir() and any(p.iterdir()) and not (p / "zarr.json").exists():
-        raise RsmtdfError(f"{p}: exists and is not an rsmtdf cache; choose another --output")
+        raise RsmtdfError(f"{p}: exists and is not an rsmtdf cache (nothing there was changed)")
     return (p / "zarr.json").exists()
 
 

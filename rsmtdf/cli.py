@@ -352,24 +352,12 @@ def demo(
 
 
 def main() -> None:
-    """Entry point: user-input errors print one line and exit 2; no traceback."""
+    """Entry point: click reports usage errors itself; user-input errors print one line and exit 2."""
     try:
-        app(standalone_mode=False)
+        app()
     except RsmtdfError as exc:
         typer.echo(f"error: {exc}", err=True)
         sys.exit(2)
-    except KeyboardInterrupt:
-        typer.echo("interrupted", err=True)
-        sys.exit(130)
-    except Exception as exc:  # click usage errors carry their own exit codes
-        import click
-
-        if isinstance(exc, click.exceptions.ClickException):
-            exc.show()
-            sys.exit(exc.exit_code)
-        if isinstance(exc, click.exceptions.Abort):
-            sys.exit(1)
-        raise
 
 
 if __name__ == "__main__":

