@@ -30,7 +30,7 @@ import platform
 import statistics
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -62,7 +62,6 @@ class Sizes:
     warmup: int
     size_views: int = 4
     size_crop: int = 224
-    extra: dict = field(default_factory=dict)
 
 
 SIZES = {
@@ -75,7 +74,7 @@ SIZES = {
     # keeping the paper's ratio of CLIP's input to the crop (224 / 518 ≈ 56 / 126)
     "default": Sizes("default", crop=126, batch=2, student="vit_small_patch14_dinov2", student_kwargs={},
                      translator_hidden=1024, teachers={"dinov2_vitb14": 126, "clip_vitl14": 56}, scene_size=1024,
-                     step_scenes=6, extract_scenes=2, extract_views=1, extract_batch=2, repeats=3, warmup=1),
+                     step_scenes=6, extract_scenes=2, extract_views=2, extract_batch=2, repeats=5, warmup=1),
     "full": Sizes("full", crop=518, batch=8, student="vit_small_patch14_dinov2", student_kwargs={},
                   translator_hidden=1024, teachers={"dinov2_vitb14": 518, "clip_vitl14": 224}, scene_size=1024,
                   step_scenes=16, extract_scenes=8, extract_views=2, extract_batch=8, repeats=5, warmup=2,
@@ -240,6 +239,31 @@ def _stream(trainer):
         yield from trainer._batches(epoch, 0)
 
 
+class MemoryReader:
+    """Every target of a cache held in RAM behind CacheReader's `read(i, a)`: the floor any cache
+    reader is measured against, through the same loader path."""
+
+    def __init__(self, reader) -> None:
+        import zarr
+
+        group = zarr.open_group(reader.url, mode="r")
+        self.targets = {n: group[f"teachers/{n}"][:].astype(np.float32) for n in reader.teachers}
+
+    def read(self, i: int, a: int) -> dict[str, np.ndarray]:
+        return {n: t[i, a] for n, t in self.targets.items()}
+
+
+def _memory_twin(trainer):
+    """The same Trainer whose loaders hand in targets from memory instead of reading the cache."""
+    t = copy.copy(trainer)
+    t.sets = {k: copy.copy(s) for k, s in trainer.sets.items()}
+    memory = MemoryReader(trainer.sets["l"].reader)
+    for s in t.sets.values():
+        s.reader = memory
+    t.loaders = t.make_loaders()
+    return t
+
+
 def _no_distill(trainer):
     """The same Trainer with a Student that has no teachers: FixMatch, no translators or second pass."""
     from .model import Student
@@ -282,12 +306,16 @@ def bench_step(ctx: Context) -> dict:
         "cached_memory": lambda: trainer.train_step(next(cycle)),
         "online": lambda: online.train_step(next(cycle)),
     }
-    # the real loader path in its steady state: warm-up steps drain the start-up prefetch burst, then
-    # each timed step pays for the loader work that runs beside it (same cores) and for any wait
-    read = median_time(lambda: trainer.train_step(next(stream)), s.repeats, max(s.warmup, 2))
-    wait_idle(trainer.loaders.values())
-    times = interleaved_times(setups, s.repeats, s.warmup)
-    times["cached_read"] = read
+    # the real loader path in its steady state, reading the cache vs the same path with every target
+    # already in memory: the ratio is what reading the cache costs. Warm-up steps drain the start-up
+    # prefetch burst; each timed step pays for the loader work beside it (same cores) and any wait.
+    memory = _memory_twin(trainer)
+    memory_stream = _stream(memory)
+    loader_times = interleaved_times({"cached_read": lambda: trainer.train_step(next(stream)),
+                                      "loader_memory": lambda: memory.train_step(next(memory_stream))},
+                                     s.repeats, max(s.warmup, 2))
+    wait_idle([*trainer.loaders.values(), *memory.loaders.values()])
+    times = {**interleaved_times(setups, s.repeats, s.warmup), **loader_times}
     flops = {k: step_flops(setups[k]) for k in ("fixmatch", "cached_memory", "online")}
     t = {k: v["median_s"] for k, v in times.items()}
     result = {
@@ -295,7 +323,7 @@ def bench_step(ctx: Context) -> dict:
                   "workers": trainer.recipe["train"]["workers"]},
         "times": times, "flops": flops,
         "ratios": {
-            "cached_read/cached_memory": {"value": t["cached_read"] / t["cached_memory"], "goal": "<= 1.05"},
+            "cached_read/cached_memory": {"value": t["cached_read"] / t["loader_memory"], "goal": "<= 1.05"},
             "cached/fixmatch": {"value": t["cached_memory"] / t["fixmatch"],
                                 "predicted": flops["cached_memory"] / flops["fixmatch"], "goal": "within 10 % of predicted"},
             "online/cached": {"value": t["online"] / t["cached_memory"],
@@ -325,7 +353,9 @@ def bench_extract(ctx: Context) -> dict:
 
     def run_extract():
         shutil.rmtree(out, ignore_errors=True)
-        extract(ds, str(splits), spec, teachers, str(out), batch_size=s.extract_batch, device=ctx.device, progress=False)
+        # several shards, as in any real cache, so shard writes overlap the teachers' compute
+        extract(ds, str(splits), spec, teachers, str(out), shard_samples=max(1, len(ids) // 4),
+                batch_size=s.extract_batch, device=ctx.device, progress=False)
 
     def run_bare():
         _run_teachers(teachers, crops, s.extract_batch, ctx.device, len(ids), s.extract_views)
@@ -500,7 +530,7 @@ def _absolute(part: str, name: str, res: dict) -> str:
     if part == "step":
         t = {k: v["median_s"] for k, v in res["times"].items()}
         if name.startswith("cached_read"):
-            return f"{t['cached_read']:.3f} s vs {t['cached_memory']:.3f} s"
+            return f"{t['cached_read']:.3f} s vs {t['loader_memory']:.3f} s (loader path, targets in memory)"
         if name.startswith("cached/"):
             f = res["flops"]
             return (f"{t['cached_memory']:.3f} s vs {t['fixmatch']:.3f} s "

@@ -179,8 +179,9 @@ def targets_for(mode: str, teachers: list[Teacher], inp: StepInputs, xs_mixed: t
     step for step."""
     out = {}
     for t in teachers if mode != "cached" else []:
-        tl = t.targets(inp.x).half().float()
-        tu = t.targets(inp.xw if mode == "online" else xs_mixed).half().float()
+        unlabeled = inp.xw if mode == "online" else xs_mixed
+        both = t.targets(torch.cat([inp.x, unlabeled])).half().float()  # one forward: larger matmuls
+        tl, tu = both.split([len(inp.x), len(unlabeled)])
         out[t.name] = torch.cat([tl, mix_tokens(tu, inp.box, t.grid) if mode == "online" else tu])
     if mode == "cached":
         for name, tl in inp.targets_l.items():
@@ -255,10 +256,7 @@ class Trainer:
                      "u": ReplaySet(ids=unlabeled or labeled, unlabeled=True, **common)}
         self.samplers = {k: EpochSampler(len(s), tr["seed"] + (k == "u"), self.rank, self.world) for k, s in self.sets.items()}
         self.batch = int(tr["batch_size"])
-        workers = int(tr["workers"])
-        self.loaders = {k: DataLoader(s, batch_size=self.batch, sampler=self.samplers[k], drop_last=True,
-                                      num_workers=workers, persistent_workers=workers > 0,
-                                      pin_memory=self.device.type == "cuda") for k, s in self.sets.items()}
+        self.loaders = self.make_loaders()
         self.steps_per_epoch = len(self.samplers["u"]) // self.batch
         if self.steps_per_epoch == 0:
             raise RsmtdfError(f"split '{split}': {len(self.sets['u'])} unlabeled samples is less than one batch of {self.batch}")
@@ -271,6 +269,13 @@ class Trainer:
         self.step, self.best = 0, {"mIoU": -1.0, "mIoU_ema": -1.0, "step": 0}
         if resume:
             self.load_state(load_checkpoint(self.run_dir / "latest.pt", self.identity()))
+
+    def make_loaders(self) -> dict[str, DataLoader]:
+        """Loaders over `self.sets`; their workers live across epochs (the sampler carries the epoch)."""
+        workers = int(self.recipe["train"]["workers"])
+        return {k: DataLoader(s, batch_size=self.batch, sampler=self.samplers[k], drop_last=True,
+                              num_workers=workers, persistent_workers=workers > 0,
+                              pin_memory=self.device.type == "cuda") for k, s in self.sets.items()}
 
     # -- checks and identity --
 
