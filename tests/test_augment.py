@@ -1,0 +1,61 @@
+"""Stage-two augmentation: grid-snapped CutMix boxes, token maps mixed with the same box, seeded strong views."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from rsmtdf.train import EpochSampler, cutmix_box, mix_tokens, strong_augment
+
+
+def test_cutmix_boxes_snap_to_the_grid():
+    rng = np.random.default_rng(0)
+    boxes = [cutmix_box(126, 14, rng) for _ in range(200)]
+    present = [b for b in boxes if b.any()]
+    assert 60 < len(present) < 140  # p = 0.5
+    for b in present:
+        ys, xs = torch.nonzero(b, as_tuple=True)
+        y0, y1, x0, x1 = ys.min().item(), ys.max().item() + 1, xs.min().item(), xs.max().item() + 1
+        assert b[y0:y1, x0:x1].all() and b.sum() == (y1 - y0) * (x1 - x0)  # one rectangle
+        assert y0 % 14 == 0 and y1 % 14 == 0 and x0 % 14 == 0 and x1 % 14 == 0
+
+
+def test_token_maps_mix_exactly_like_the_pixels_on_an_aligned_grid():
+    """Mixing pixels then pooling each 14 px patch equals pooling then mixing the tokens."""
+    rng = np.random.default_rng(1)
+    img = torch.rand(3, 1, 56, 56)
+    box = torch.stack([cutmix_box(56, 14, rng, p=1.0) for _ in range(3)])
+    mixed = torch.where(box.unsqueeze(1).bool(), img.flip(0), img)
+    pool = lambda x: torch.nn.functional.avg_pool2d(x, 14).flatten(2).transpose(1, 2)  # (B, 16, 1) tokens
+    torch.testing.assert_close(mix_tokens(pool(img), box, 4), pool(mixed), rtol=0, atol=0)
+
+
+def test_unaligned_grid_mixes_by_nearest_token_centre():
+    box = torch.zeros(2, 10, 10)
+    box[0, :, :5] = 1  # left half of sample 0 comes from sample 1
+    t = torch.arange(2 * 9 * 1, dtype=torch.float32).reshape(2, 9, 1)  # 3×3 grid: centres at 1.67, 5, 8.33 px
+    out = mix_tokens(t, box, 3).reshape(2, 3, 3)
+    assert torch.equal(out[0, :, 0], t.reshape(2, 3, 3)[1, :, 0])  # centre 1.67 px: inside the box
+    assert torch.equal(out[0, :, 1:], t.reshape(2, 3, 3)[0, :, 1:])  # centres 5 and 8.33 px: outside
+    assert torch.equal(out[1], t.reshape(2, 3, 3)[1])
+
+
+def test_strong_view_is_seeded_and_photometric_only():
+    x = torch.rand(3, 32, 32)
+    a = strong_augment(x, np.random.default_rng(5))
+    assert torch.equal(a, strong_augment(x, np.random.default_rng(5)))
+    assert a.shape == x.shape and 0 <= a.min() and a.max() <= 1
+    small = torch.rand(3, 8, 8)
+    unchanged = sum(torch.equal(strong_augment(small, np.random.default_rng(s)), small) for s in range(400)) / 400
+    assert 0.04 < unchanged < 0.13  # no jitter (0.2) × no grey (0.8) × no blur (0.5) = 0.08
+
+
+def test_epoch_sampler_resumes_mid_epoch_and_shards_by_rank():
+    full = list(EpochSampler(10, seed=3, rank=0, world=1))
+    s = EpochSampler(10, seed=3, rank=0, world=1)
+    s.start = 4
+    assert list(s) == full[4:]
+    ranks = [list(EpochSampler(10, seed=3, rank=r, world=2)) for r in range(2)]
+    assert sorted(j for r in ranks for _, j in r) == list(range(10))
+    s.epoch, s.start = 1, 0
+    assert [j for _, j in s] != [j for _, j in full] and all(e == 1 for e, _ in s)
