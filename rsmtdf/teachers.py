@@ -129,7 +129,11 @@ class Teacher(nn.Module):
     def _load(self, path) -> None:
         if self.config.library == "open_clip":
             state = {k.removeprefix("visual."): v for k, v in _open_clip_state(path).items() if k.startswith("visual.")}
-            missing, unexpected = self.model.load_state_dict(state, strict=False)
+            try:
+                missing, unexpected = self.model.load_state_dict(state, strict=False)
+            except RuntimeError as exc:  # shapes differ: another model, or weights for another input size
+                detail = " ".join(str(exc).split())[:240]
+                raise RsmtdfError(f"{path}: does not fit CLIP {self.config.model} at {self.input_size} px ({detail})") from None
             if missing or unexpected:
                 raise RsmtdfError(f"{path}: not CLIP {self.config.model} weights (missing {missing[:3]}, unexpected {unexpected[:3]})")
         else:

@@ -260,3 +260,13 @@ def test_bad_explicit_weights_files_are_refused(tmp_path):
     torch.save(timm.create_model("test_resnet").state_dict(), other)
     with pytest.raises(RsmtdfError, match="resnet.pth"):
         Teacher(teacher_config(spec), weights=other)
+
+
+def test_clip_weights_that_do_not_fit_are_one_line(tmp_path):
+    """Weights for another CLIP (or for another input size) are refused in one line, not a traceback."""
+    import open_clip
+
+    path = tmp_path / "clip_b32.pt"
+    torch.save(open_clip.create_model("ViT-B-32", pretrained=None, force_image_size=64).state_dict(), path)
+    with pytest.raises(RsmtdfError, match=r"clip_b32.pt: does not fit CLIP ViT-L-14 at 56 px \(.*size mismatch"):
+        Teacher(replace(teacher_config("clip_vitl14"), input_size=56), weights=str(path))
