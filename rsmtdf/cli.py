@@ -259,6 +259,7 @@ def evaluate_cmd(
     model: Annotated[str, typer.Option("--model", help="ema or student.")] = "ema",
     out: Annotated[Optional[Path], typer.Option("--out", help="JSON of the metrics [default: beside the checkpoint].")] = None,
     cache: Annotated[Optional[str], typer.Option("--cache", help="Evaluate on this cache's dataset and splits instead.")] = None,
+    pictures: Annotated[int, typer.Option(help="Write image | truth | prediction PNGs of this many tiles.")] = 0,
 ) -> None:
     """Evaluate a checkpoint: mIoU, per-class IoU and F1, OA and kappa, as a table and as JSON.
 
@@ -270,17 +271,15 @@ def evaluate_cmd(
 
     import torch
 
-    from .checkpoint import load_checkpoint
     from .data import open_dataset
     from .evaluate import MODES, evaluate
     from .metrics import format_table
-    from .model import Student
+    from .predict import load_trained
     from .splits import read_list
 
     if mode not in MODES or model not in ("ema", "student"):
         raise RsmtdfError(f"--mode {mode} --model {model}: choose mode from {MODES} and model from ema, student")
-    ckpt = load_checkpoint(checkpoint)
-    ident = ckpt["identity"]
+    net, ident, recipe = load_trained(checkpoint, model)
     ds, splits = ident["dataset"], ident["splits"]["dir"]
     if cache is not None:
         from .cache import FeatureCache
@@ -291,17 +290,47 @@ def evaluate_cmd(
                               f"cache {cache} has {len(a['dataset']['classes'])} {a['dataset']['classes']}")
         ds, splits = a["dataset"], a["splits"]["dir"]
     dataset = open_dataset(ds["name"], ds["root"], ds["classes"])
-    net = Student.from_config(ident["model"])
-    net.load_state_dict(ckpt[model])
-    recipe = json.loads(ckpt["recipe"])
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    metrics = evaluate(net.to(device), dataset, read_list(splits, split), len(ident["class_names"]), device, mode,
-                       ident["model"]["crop_size"], tuple(recipe["data"]["bands"]), recipe["data"]["max_value"])
-    typer.echo(format_table(metrics, ident["class_names"]))
     out = out or checkpoint.with_name(f"{checkpoint.stem}-{split}-{mode}-{model}.json")
+    metrics = evaluate(net.to(device), dataset, read_list(splits, split), len(ident["class_names"]), device, mode,
+                       ident["model"]["crop_size"], tuple(recipe["data"]["bands"]), recipe["data"]["max_value"],
+                       pictures=out.with_suffix(""), num_pictures=pictures)
+    typer.echo(format_table(metrics, ident["class_names"]))
     out.write_text(json.dumps({"checkpoint": str(checkpoint), "split": split, "mode": mode, "model": model,
                                "classes": ident["class_names"], **metrics}, indent=2))
-    typer.echo(f"wrote {out}")
+    typer.echo(f"wrote {out}" + (f" and pictures in {out.with_suffix('')}" if pictures else ""))
+
+
+@app.command("predict")
+def predict_cmd(
+    images: Annotated[list[Path], typer.Argument(help="Rasters to map (GeoTIFF, PNG, JPEG; any size).")],
+    checkpoint: Annotated[Path, typer.Option("--checkpoint", help="A run's best.pt or latest.pt.")],
+    out: Annotated[Path, typer.Option("--out", help="Folder for the class maps (<name>.tif).")] = Path("predictions"),
+    mode: Annotated[str, typer.Option("--mode", help="sliding (crop windows) or whole.")] = "sliding",
+    model: Annotated[str, typer.Option("--model", help="ema or student.")] = "ema",
+) -> None:
+    """Map whole scenes: one uint8 GeoTIFF of class indices per input, with its CRS, transform and a
+    colour table, so GIS tools show it over the imagery.
+
+    Example:
+
+      rsmtdf predict scenes/*.tif --checkpoint runs/loveda-5pct/best.pt --out maps/
+    """
+    import torch
+    from tqdm import tqdm
+
+    from .evaluate import MODES
+    from .predict import load_trained, predict_scene
+
+    if mode not in MODES or model not in ("ema", "student"):
+        raise RsmtdfError(f"--mode {mode} --model {model}: choose mode from {MODES} and model from ema, student")
+    net, ident, recipe = load_trained(checkpoint, model)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    net.to(device)
+    for path in tqdm(images, desc="predict", unit="scene"):
+        predict_scene(net, path, out / f"{path.stem}.tif", recipe, ident["class_names"], ident["dataset"]["name"],
+                      device, mode)
+    typer.echo(f"mapped {len(images)} scenes with {checkpoint} ({model}, {mode}) into {out}")
 
 
 @app.command("bench")

@@ -109,7 +109,7 @@ class Record:
     window: tuple[int, int, int] | None = None  # (row, col, size) inside the scene
 
 
-def _read_raster(path: Path) -> tuple[np.ndarray, str | None, tuple[float, ...] | None]:
+def read_raster(path: Path) -> tuple[np.ndarray, str | None, tuple[float, ...] | None]:
     """Whole raster as H×W×C plus CRS and affine; cached so the tiles of one scene decode it once."""
     _check_png_end(path)
     try:
@@ -241,10 +241,10 @@ class SegmentationDataset:
     def load(self, i: int, with_mask: bool = True) -> Sample:
         """Read tile i: image and (checked, decoded) mask, cut to the tile's window."""
         r = self.records[i]
-        image, crs, transform = _read_raster(r.image)
+        image, crs, transform = read_raster(r.image)
         mask = None
         if with_mask and r.mask is not None:
-            raw, _, _ = _read_raster(r.mask)
+            raw, _, _ = read_raster(r.mask)
             if raw.shape[:2] != image.shape[:2]:
                 raise RsmtdfError(
                     f"{r.mask}: mask is {raw.shape[0]}×{raw.shape[1]} but its image is {image.shape[0]}×{image.shape[1]}"

@@ -50,7 +50,8 @@ def run_demo(workdir: Path, steps: int = 12) -> None:
     typer.echo(f"[4/5] trained {result['steps']} steps from the cache ({result['steps_per_s']:.2f} steps/s), "
                f"checkpoints in {run_dir}")
     metrics = evaluate(trainer.ema, dataset, read_list(splits_dir, "test"), len(trainer.class_names), trainer.device,
-                       "whole", recipe["views"]["crop_size"])
+                       "whole", recipe["views"]["crop_size"], pictures=workdir / "predictions", num_pictures=2)
     typer.echo("[5/5] EMA model on the test split:\n" + format_table(metrics, trainer.class_names))
+    typer.echo(f"      training curves: {run_dir / 'curves.png'}; image | truth | prediction: {workdir / 'predictions'}")
     typer.echo(f"demo done in {workdir}: a few steps on generated data, so expect low scores; "
                f"`rsmtdf train --cache {cache_dir} --split 10pct -r {DEMO_RECIPE}` trains for real")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -9,6 +11,7 @@ from torch import nn
 
 from .data import SegmentationDataset, to_unit_rgb
 from .metrics import ConfusionMatrix
+from .plots import palette, prediction_picture
 
 MODES = ("whole", "sliding")
 
@@ -40,18 +43,26 @@ def predict(model: nn.Module, x: torch.Tensor, mode: str, crop: int, patch: int)
 
 def evaluate(model: nn.Module, dataset: SegmentationDataset, ids: list[str], num_classes: int,
              device: torch.device | str, mode: str = "whole", crop: int = 518,
-             bands: tuple[int, int, int] = (0, 1, 2), max_value: float | None = None) -> dict:
-    """Metrics of `model` over the samples `ids` (sharded over DDP ranks, summed)."""
+             bands: tuple[int, int, int] = (0, 1, 2), max_value: float | None = None,
+             pictures: Path | None = None, num_pictures: int = 0) -> dict:
+    """Metrics of `model` over the samples `ids` (sharded over DDP ranks, summed); with `pictures`,
+    also image | ground truth | prediction PNGs of the first `num_pictures` samples there."""
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     was_training = model.training
     model.eval()
-    cm = ConfusionMatrix(num_classes, device=device)
+    cm, drawn = ConfusionMatrix(num_classes, device=device), 0
     patch = model.patch if hasattr(model, "patch") else model.module.patch
     for sid in ids[rank::world]:
         sample = dataset.load(dataset.index(sid))
         x = torch.from_numpy(to_unit_rgb(sample.image, bands, max_value)).permute(2, 0, 1)[None].to(device)
         pred = predict(model, x, mode, crop, patch).argmax(1)
         cm.update(pred, torch.from_numpy(sample.mask).long()[None].to(device))
+        if pictures is not None and drawn < num_pictures:
+            pictures.mkdir(parents=True, exist_ok=True)
+            colours = palette(num_classes, dataset.classes.colors)
+            prediction_picture(x[0].permute(1, 2, 0).cpu().numpy(), sample.mask, pred[0].cpu().numpy(), colours,
+                               pictures / f"{sid.replace('/', '_')}.png")
+            drawn += 1
     cm.all_reduce()
     model.train(was_training)
     return cm.compute()

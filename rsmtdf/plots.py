@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
+
 
 def plot_curves(run_dir: str | Path) -> Path:
     """Read RUN/metrics.jsonl and write RUN/curves.png."""
@@ -33,3 +35,27 @@ def plot_curves(run_dir: str | Path) -> Path:
     fig.savefig(out, dpi=90)
     plt.close(fig)
     return out
+
+
+def palette(num_classes: int, colors: dict[tuple[int, int, int], int] | None = None) -> np.ndarray:
+    """(256, 3) uint8 colours by class index: the dataset's own mask colours where it has them
+    (Potsdam, DeepGlobe), else matplotlib's tab20; ignore (255) is black."""
+    from matplotlib import colormaps
+
+    table = np.zeros((256, 3), np.uint8)
+    tab = (np.array(colormaps["tab20"].colors) * 255).astype(np.uint8)
+    table[:num_classes] = tab[np.arange(num_classes) % len(tab)]
+    for rgb, k in (colors or {}).items():
+        table[k] = rgb
+    return table
+
+
+def prediction_picture(image: np.ndarray, target: np.ndarray, pred: np.ndarray, colours: np.ndarray,
+                       out: str | Path) -> Path:
+    """image | ground truth | prediction, side by side, for one tile (image in [0, 1], H×W×3)."""
+    from PIL import Image
+
+    rgb = (np.clip(image, 0, 1) * 255).astype(np.uint8)
+    gap = np.full((rgb.shape[0], 4, 3), 255, np.uint8)
+    Image.fromarray(np.concatenate([rgb, gap, colours[target], gap, colours[pred]], axis=1)).save(out)
+    return Path(out)

@@ -152,8 +152,29 @@ def test_real_scenes_extract_train_evaluate(tmp_path, loveda_sample):
     metrics = json.loads((tmp_path / "run" / "best-test-whole-ema.json").read_text())
     assert len(metrics["IoU"]) == 7 and 0 <= metrics["OA"] <= 100
     sliding = run_cli("evaluate", "--checkpoint", tmp_path / "run" / "best.pt", "--split", "val", "--mode", "sliding",
-                      check=True).stdout
+                      "--pictures", "1", check=True).stdout
     assert "mIoU" in sliding
+    from PIL import Image
+
+    pictures = list((tmp_path / "run" / "best-val-sliding-ema").glob("*.png"))
+    assert len(pictures) == 1
+    assert Image.open(pictures[0]).size == (3 * 512 + 2 * 4, 512)  # image | truth | prediction
+
+    # map a whole georeferenced scene: the class map keeps its CRS and transform
+    import rasterio
+    from rasterio.transform import from_origin
+
+    scene = np.array(Image.open(loveda_sample / "Val/Rural/images_png/2.png"))[:300, :450]
+    geo = from_origin(500000, 4200000, 0.3, 0.3)
+    with rasterio.open(tmp_path / "scene.tif", "w", driver="GTiff", width=450, height=300, count=3, dtype="uint8",
+                       crs="EPSG:32650", transform=geo) as dst:
+        dst.write(scene.transpose(2, 0, 1))
+    run_cli("predict", tmp_path / "scene.tif", "--checkpoint", tmp_path / "run" / "best.pt", "--out", tmp_path / "maps",
+            check=True)
+    with rasterio.open(tmp_path / "maps" / "scene.tif") as src:
+        assert (src.width, src.height, src.count, src.dtypes[0]) == (450, 300, 1, "uint8")
+        assert src.crs.to_string() == "EPSG:32650" and src.transform == geo
+        assert src.read(1).max() < 7 and src.colormap(1)[0][3] == 255
 
 
 def _assert_one_line_error(proc, *words: str) -> None:
