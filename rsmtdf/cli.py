@@ -240,6 +240,7 @@ def train(
         a = FeatureCache.open(cache).attrs
         r["data"]["dataset"], r["views"]["crop_size"] = a["dataset"]["name"], a["views"]["crop_size"]
         r["teachers"]["names"] = [t["name"] for t in a["teachers"]]
+        r["data"]["splits"] = a["splits"]["dir"]
     device = setup_distributed()
     weights = Plan(None, None, None, None, teacher_weights, None, None, None).weights
     run = run or Path(f"runs/{r['data']['dataset']}-{split}")

@@ -212,10 +212,10 @@ class Trainer:
         if not a.get("complete"):
             raise RsmtdfError(f"{cache_path}: cache is not finalized ({len(self.cache.missing_shards())} shards "
                               "unwritten); finish `rsmtdf extract-features` first")
-        self._check_recipe(cache_path)
         self.splits_dir = a["splits"]["dir"]
         if splits_mod.splits_sha256(self.splits_dir) != a["splits"]["sha256"]:
             raise RsmtdfError(f"{self.splits_dir}: split lists changed since the cache {cache_path} was made")
+        self._check_recipe(cache_path)
         ds = a["dataset"]
         self.dataset = open_dataset(ds["name"], ds["root"], ds["classes"])
         self.class_names = list(ds["classes"])
@@ -288,6 +288,10 @@ class Trainer:
         for key in wanted:
             if wanted[key] != found[key]:
                 raise RsmtdfError(f"{cache_path}: cache has {key} {found[key]}, the recipe asks for {wanted[key]}")
+        asked = splits_mod.splits_sha256(r["data"]["splits"])
+        if asked != a["splits"]["sha256"]:
+            raise RsmtdfError(f"{cache_path}: cache was made with other split lists ({a['splits']['dir']}, sha256 "
+                              f"{a['splits']['sha256'][:12]}) than the recipe's {r['data']['splits']} ({asked[:12]})")
 
     def _online_teachers(self, weights: dict[str, str]) -> list[Teacher]:
         """The cache's teachers, built again; their weights must be the ones the cache was made with."""

@@ -210,6 +210,21 @@ def test_refuses_changed_split_lists_and_unknown_split(setup, tmp_path):
     assert not (tmp_path / "r" / "latest.pt").exists()
 
 
+def test_refuses_cache_made_with_other_split_lists(setup, tmp_path):
+    recipe, cache, tmp = setup
+    make_splits(open_dataset("loveda", load_recipe_root(recipe)), tmp_path / "other", seed=7)
+    other = tmp_path / "o.toml"
+    other.write_text(recipe.read_text().replace(str(tmp / "splits"), str(tmp_path / "other")))
+    proc = run_cli("train", "--cache", cache, "--split", "10pct", "-r", other, "--run-dir", tmp_path / "r")
+    _assert_one_line_error(proc, str(cache), "other split lists", str(tmp_path / "other"))
+
+
+def load_recipe_root(recipe: Path) -> str:
+    from rsmtdf.recipe import load_recipe
+
+    return load_recipe(recipe)["data"]["root"]
+
+
 def test_refuses_unfinalized_cache(setup, tmp_path):
     recipe, _, _ = setup
     run_cli("extract-features", "-r", recipe, "-o", tmp_path / "half", "--workers", "0", "--num-shards", "2",
