@@ -237,6 +237,10 @@ class FeatureCache:
     def ids(self) -> list[str]:
         return [str(s) for s in self.group["ids"][:]]
 
+    def views_array(self) -> np.ndarray:
+        """(N, A, 5) parameters of every stored view."""
+        return self.group["views"][:]
+
     def views_of(self, i: int) -> list[View]:
         return [View.from_array(v) for v in self.group["views"][i]]
 

@@ -199,7 +199,8 @@ def make_splits_cmd(
 
 @app.command("train")
 def train(
-    cache: Annotated[str, typer.Option("--cache", help="Finalized feature cache (path or URL).")],
+    cache: Annotated[Optional[str], typer.Option("--cache", help="Finalized feature cache (path or URL); "
+                                                 "without one, --teachers online runs from the recipe.")] = None,
     split: Annotated[str, typer.Option("--split", help="Labeled split: 1pct, 5pct, 10pct, ...")] = "5pct",
     recipe: Recipe = None,
     run: Annotated[Optional[Path], typer.Option("--run-dir", help="Run folder [default: runs/<dataset>-<split>].")] = None,
@@ -234,6 +235,8 @@ def train(
                        ("workers", workers), ("seed", seed)):
         if value is not None:
             r["train"][key] = value
+    if cache is None and recipe is None:
+        raise RsmtdfError("train: give --cache, or a recipe (-r) with --teachers online to train without a cache")
     if recipe is None:  # no recipe: take what the cache was made with
         from .cache import FeatureCache
 

@@ -258,6 +258,11 @@ class SegmentationDataset:
                 transform = tuple(rasterio.windows.transform(Window(col, row, size, size), rasterio.Affine(*transform)))[:6]
         return Sample(r.id, np.array(image), mask, crs, transform)  # a copy: the decoded scene is cached
 
+    def size_of(self, i: int) -> tuple[int, int]:
+        """(height, width) of tile i, from its window or the raster's header: views need no pixels."""
+        r = self.records[i]
+        return (r.window[2], r.window[2]) if r.window is not None else raster_shape(r.image)
+
     def subset(self, ids: list[str]) -> SegmentationDataset:
         """The same dataset restricted to `ids`: for probes, tests and partial runs."""
         sub = copy.copy(self)

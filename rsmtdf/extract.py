@@ -72,6 +72,32 @@ def dataset_attrs(dataset: SegmentationDataset, ids: list[str]) -> dict:
     return {**dataset.describe(), "num_samples": len(ids), "ids_sha256": ids_sha256(ids)}
 
 
+@dataclass
+class ViewTable:
+    """What a cache tells training, without the features: the samples, their A views and the
+    attributes a cache would carry. Views are a pure function of (seed, sample id), so these are the
+    views `extract` would store; `train --teachers online` runs from it when there is no cache."""
+
+    url: str
+    attrs: dict
+    ids: list[str]
+    views: np.ndarray
+
+    def views_array(self) -> np.ndarray:
+        return self.views
+
+
+def view_table(dataset: SegmentationDataset, splits_dir: str, spec: ViewSpec, teachers: list[Teacher]) -> ViewTable:
+    ids = dataset.ids_in("train")
+    if not ids:
+        raise RsmtdfError(f"{dataset.root}: no training samples")
+    views = np.stack([np.stack([v.to_array() for v in spec.sample(sid, *dataset.size_of(dataset.index(sid)))])
+                      for sid in ids])
+    attrs = expected_attrs(dataset_attrs(dataset, ids), splits_mod.describe(splits_dir), spec.to_attrs(),
+                           [t.spec() for t in teachers], "none")
+    return ViewTable(f"(no cache: views of {dataset.root})", {**attrs, "complete": True}, ids, views)
+
+
 def auto_shard_samples(spec: ViewSpec, teachers: list[Teacher], storage: str) -> int:
     per_sample = spec.count * sum(t.num_tokens * t.dim for t in teachers) * (1 if storage == "int8" else 2)
     return max(1, int(SHARD_BYTES // per_sample))

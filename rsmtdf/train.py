@@ -37,8 +37,10 @@ from .checkpoint import load_checkpoint, save_checkpoint
 from .data import SegmentationDataset, open_dataset, to_unit_rgb
 from .errors import RsmtdfError
 from .evaluate import evaluate
+from .extract import view_table
 from .model import Student, TeacherSlot
 from .plots import plot_curves
+from .recipe import view_spec
 from .teachers import Teacher, build_teachers
 from .views import View, apply_view
 
@@ -196,7 +198,7 @@ def targets_for(mode: str, teachers: list[Teacher], inp: StepInputs, xs_mixed: t
 class Trainer:
     """Everything one training run holds; `fit` runs it, `state`/`load_state` checkpoint it."""
 
-    def __init__(self, cache_path: str, split: str, recipe: dict, run_dir: Path, mode: str = "cached",
+    def __init__(self, cache_path: str | None, split: str, recipe: dict, run_dir: Path, mode: str = "cached",
                  device: str = "cpu", teacher_weights: dict[str, str] | None = None, resume: bool = False,
                  checkpoint_every: int = 0, progress: bool = True) -> None:
         if mode not in MODES:
@@ -207,7 +209,18 @@ class Trainer:
         self.device = torch.device(device)
         tr = recipe["train"]
 
-        self.cache = FeatureCache.open(cache_path)
+        teachers = None
+        if cache_path is None:  # online teachers on the views a cache would hold
+            if mode == "cached":
+                raise RsmtdfError("--teachers cached needs --cache (or run with --teachers online)")
+            t = recipe["teachers"]
+            teachers = build_teachers(t["names"], teacher_weights, sizes=t["sizes"])
+            d = recipe["data"]
+            self.cache = view_table(open_dataset(d["dataset"], d["root"], d["classes"]), d["splits"],
+                                    view_spec(recipe), teachers)
+            cache_path = self.cache.url
+        else:
+            self.cache = FeatureCache.open(cache_path)
         a = self.cache.attrs
         if not a.get("complete"):
             raise RsmtdfError(f"{cache_path}: cache is not finalized ({len(self.cache.missing_shards())} shards "
@@ -243,10 +256,11 @@ class Trainer:
         if self.world > 1:
             self.model = torch.nn.parallel.DistributedDataParallel(
                 self.student, device_ids=[self.device.index] if self.device.type == "cuda" else None)
-        self.teachers = [] if mode == "cached" else self._online_teachers(teacher_weights or {})
+        self.teachers = [] if mode == "cached" else [
+            t.to(self.device) for t in teachers or self._online_teachers(teacher_weights or {})]
 
         snap = math.lcm(self.student.patch, *[crop // s.grid for s in slots if crop % s.grid == 0])
-        views = self.cache.group["views"][:]
+        views = self.cache.views_array()
         reader = self.cache.reader() if mode == "cached" else None
         common = dict(dataset=self.dataset, cache_index=index, views=views, crop=crop, reader=reader, seed=tr["seed"],
                       snap=snap, bands=tuple(recipe["data"]["bands"]), max_value=recipe["data"]["max_value"])
@@ -300,7 +314,7 @@ class Trainer:
         teachers = build_teachers([t["name"] for t in a["teachers"]], weights, sizes=sizes)
         if (why := mismatch(a, {**a, "teachers": [t.spec() for t in teachers]})) is not None:
             raise RsmtdfError(f"{self.cache.url}: online teachers differ from the cache's: {why}")
-        return [t.to(self.device) for t in teachers]
+        return teachers
 
     def identity(self) -> dict:
         """What a checkpoint must match to be resumed or evaluated here."""

@@ -80,6 +80,17 @@ def test_cached_and_online_see_the_same_targets_and_losses(setup, tmp_path):
             assert abs(a[key] - b[key]) <= 1e-3 * max(abs(a[key]), 1e-8), (a["step"], key, a[key], b[key])
 
 
+def test_online_without_a_cache_replays_the_views_a_cache_would_hold(setup, tmp_path):
+    recipe, _, _ = setup
+    _train(setup, tmp_path / "with", "--max-steps", "3", "--teachers", "online")
+    run_cli("train", "--split", "10pct", "-r", recipe, "--run-dir", tmp_path / "without", "--max-steps", "3",
+            "--teachers", "online", check=True)
+    for a, b in zip(_losses(tmp_path / "with"), _losses(tmp_path / "without"), strict=True):
+        assert a == b
+    proc = run_cli("train", "--split", "10pct", "-r", recipe, "--run-dir", tmp_path / "x")
+    _assert_one_line_error(proc, "--teachers cached needs --cache")
+
+
 def test_online_strong_runs_on_the_mixed_input(setup, tmp_path):
     proc = _train(setup, tmp_path / "strong", "--max-steps", "2", "--teachers", "online-strong")
     assert "trained 2 steps" in proc.stdout
