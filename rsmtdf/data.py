@@ -111,7 +111,6 @@ class Record:
 
 def read_raster(path: Path) -> tuple[np.ndarray, str | None, tuple[float, ...] | None]:
     """Whole raster as H×W×C plus CRS and affine; cached so the tiles of one scene decode it once."""
-    _check_png_end(path)
     try:
         st = path.stat()
     except OSError as exc:
@@ -121,6 +120,7 @@ def read_raster(path: Path) -> tuple[np.ndarray, str | None, tuple[float, ...] |
 
 @functools.lru_cache(maxsize=4)
 def _read_raster_cached(path: Path, mtime_ns: int, size: int) -> tuple[np.ndarray, str | None, tuple[float, ...] | None]:
+    _check_png_end(path)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", NotGeoreferencedWarning)
