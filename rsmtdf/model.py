@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import timm
-import torch
 import torch.nn.functional as F
 from timm.models import is_model_in_modules
 from torch import Tensor, nn

@@ -6,7 +6,6 @@ import json
 import warnings
 from pathlib import Path
 
-import numpy as np
 import rasterio
 import torch
 from rasterio.errors import NotGeoreferencedWarning
