@@ -273,10 +273,7 @@ def _no_distill(trainer):
     t.student = Student.from_config(cfg).to(trainer.device)
     t.ema = Student.from_config(cfg).to(trainer.device).eval().requires_grad_(False)
     t.model = t.student
-    tr = trainer.recipe["train"]
-    t.optimizer = torch.optim.AdamW(
-        [{"params": t.student.encoder_parameters(), "lr": tr["lr"]},
-         {"params": t.student.head_parameters(), "lr": tr["lr"]}], lr=tr["lr"], weight_decay=tr["weight_decay"])
+    t.optimizer = t.make_optimizer()
     return t
 
 

@@ -275,14 +275,20 @@ class Trainer:
         if self.steps_per_epoch == 0:
             raise RsmtdfError(f"split '{split}': {len(self.sets['u'])} unlabeled samples is less than one batch of {self.batch}")
         self.total = int(tr["max_steps"] or tr["epochs"] * self.steps_per_epoch)
-        base = float(tr["lr"])
-        self.optimizer = torch.optim.AdamW(
-            [{"params": self.student.encoder_parameters(), "lr": base},
-             {"params": self.student.head_parameters(), "lr": base * tr["head_lr_multiplier"]}],
-            lr=base, betas=(0.9, 0.999), weight_decay=tr["weight_decay"])
+        self.optimizer = self.make_optimizer()
         self.step, self.best = 0, {"mIoU": -1.0, "mIoU_ema": -1.0, "step": 0}
         if resume:
             self.load_state(load_checkpoint(self.run_dir / "latest.pt", self.identity()))
+
+    def make_optimizer(self) -> torch.optim.AdamW:
+        """AdamW over the student: the encoder at lr, everything else (head, translators, projections)
+        at lr × head_lr_multiplier, as the paper."""
+        tr = self.recipe["train"]
+        base = float(tr["lr"])
+        return torch.optim.AdamW(
+            [{"params": self.student.encoder_parameters(), "lr": base},
+             {"params": self.student.head_parameters(), "lr": base * tr["head_lr_multiplier"]}],
+            lr=base, betas=(0.9, 0.999), weight_decay=tr["weight_decay"])
 
     def make_loaders(self) -> dict[str, DataLoader]:
         """Loaders over `self.sets`; their workers live across epochs (the sampler carries the epoch)."""
