@@ -255,6 +255,20 @@ def train(
                    f"(EMA {trainer.best['mIoU_ema']:.2f}) at step {trainer.best['step']}; checkpoints in {run}")
 
 
+def _trained(checkpoint: Path, model: str, mode: str):
+    """Check --mode and --model, then load the checkpoint's model onto the best device there is."""
+    import torch
+
+    from .evaluate import MODES
+    from .predict import load_trained
+
+    if mode not in MODES or model not in ("ema", "student"):
+        raise RsmtdfError(f"--mode {mode} --model {model}: choose mode from {MODES} and model from ema, student")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    net, ident, recipe = load_trained(checkpoint, model)
+    return net.to(device), ident, recipe, device
+
+
 @app.command("evaluate")
 def evaluate_cmd(
     checkpoint: Annotated[Path, typer.Option("--checkpoint", help="A run's best.pt or latest.pt.")],
@@ -273,17 +287,12 @@ def evaluate_cmd(
     """
     import json
 
-    import torch
-
     from .data import open_dataset
-    from .evaluate import MODES, evaluate
+    from .evaluate import evaluate
     from .metrics import format_table
-    from .predict import load_trained
     from .splits import read_list
 
-    if mode not in MODES or model not in ("ema", "student"):
-        raise RsmtdfError(f"--mode {mode} --model {model}: choose mode from {MODES} and model from ema, student")
-    net, ident, recipe = load_trained(checkpoint, model)
+    net, ident, recipe, device = _trained(checkpoint, model, mode)
     ds, splits = ident["dataset"], ident["splits"]["dir"]
     if cache is not None:
         from .cache import FeatureCache
@@ -294,9 +303,8 @@ def evaluate_cmd(
                               f"cache {cache} has {len(a['dataset']['classes'])} {a['dataset']['classes']}")
         ds, splits = a["dataset"], a["splits"]["dir"]
     dataset = open_dataset(ds["name"], ds["root"], ds["classes"])
-    device = "cuda" if torch.cuda.is_available() else "cpu"
     out = out or checkpoint.with_name(f"{checkpoint.stem}-{split}-{mode}-{model}.json")
-    metrics = evaluate(net.to(device), dataset, read_list(splits, split), len(ident["class_names"]), device, mode,
+    metrics = evaluate(net, dataset, read_list(splits, split), len(ident["class_names"]), device, mode,
                        ident["model"]["crop_size"], tuple(recipe["data"]["bands"]), recipe["data"]["max_value"],
                        pictures=out.with_suffix(""), num_pictures=pictures)
     typer.echo(format_table(metrics, ident["class_names"]))
@@ -320,17 +328,11 @@ def predict_cmd(
 
       rsmtdf predict scenes/*.tif --checkpoint runs/loveda-5pct/best.pt --out maps/
     """
-    import torch
     from tqdm import tqdm
 
-    from .evaluate import MODES
-    from .predict import load_trained, predict_scene
+    from .predict import predict_scene
 
-    if mode not in MODES or model not in ("ema", "student"):
-        raise RsmtdfError(f"--mode {mode} --model {model}: choose mode from {MODES} and model from ema, student")
-    net, ident, recipe = load_trained(checkpoint, model)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    net.to(device)
+    net, ident, recipe, device = _trained(checkpoint, model, mode)
     for path in tqdm(images, desc="predict", unit="scene"):
         predict_scene(net, path, out / f"{path.stem}.tif", recipe, ident["class_names"], ident["dataset"]["name"],
                       device, mode)

@@ -51,15 +51,14 @@ def evaluate(model: nn.Module, dataset: SegmentationDataset, ids: list[str], num
     was_training = model.training
     model.eval()
     cm, drawn = ConfusionMatrix(num_classes, device=device), 0
-    patch = model.patch if hasattr(model, "patch") else model.module.patch
+    colours = palette(num_classes, dataset.classes.colors) if pictures is not None else None
     for sid in ids[rank::world]:
         sample = dataset.load(dataset.index(sid))
         x = torch.from_numpy(to_unit_rgb(sample.image, bands, max_value)).permute(2, 0, 1)[None].to(device)
-        pred = predict(model, x, mode, crop, patch).argmax(1)
+        pred = predict(model, x, mode, crop, model.patch).argmax(1)
         cm.update(pred, torch.from_numpy(sample.mask).long()[None].to(device))
         if pictures is not None and drawn < num_pictures:
             pictures.mkdir(parents=True, exist_ok=True)
-            colours = palette(num_classes, dataset.classes.colors)
             prediction_picture(x[0].permute(1, 2, 0).cpu().numpy(), sample.mask, pred[0].cpu().numpy(), colours,
                                pictures / f"{sid.replace('/', '_')}.png")
             drawn += 1

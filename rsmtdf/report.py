@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import tempfile
+from pathlib import Path
 
 import numpy as np
-from pathlib import Path
 
 from .cache import FeatureCache
 
