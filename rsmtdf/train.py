@@ -353,9 +353,8 @@ class Trainer:
         with torch.no_grad():
             prob = self.ema(inp.xw).logits.softmax(1)
             conf, pseudo = prob.max(1)
-        box = inp.box.unsqueeze(1).bool()
-        xs_mixed = torch.where(box, inp.xs.flip(0), inp.xs)
         mix = inp.box.bool()
+        xs_mixed = torch.where(mix.unsqueeze(1), inp.xs.flip(0), inp.xs)
         pseudo, conf = torch.where(mix, pseudo.flip(0), pseudo), torch.where(mix, conf.flip(0), conf)
         ignore = torch.where(mix, inp.ignore.flip(0), inp.ignore)
         targets = targets_for(self.mode, self.teachers, inp, xs_mixed)
@@ -365,8 +364,8 @@ class Trainer:
         logits_l, logits_u = out.logits.float().split([len(inp.x), len(xs_mixed)])
         loss_sup = F.cross_entropy(logits_l, inp.y, ignore_index=255)
         valid = ignore != 255
-        loss_u = F.cross_entropy(logits_u, pseudo, reduction="none") * ((conf >= tr["conf_thresh"]) & valid)
-        loss_unsup = loss_u.sum() / valid.sum().clamp(min=1)
+        confident = (conf >= tr["conf_thresh"]) & valid
+        loss_unsup = (F.cross_entropy(logits_u, pseudo, reduction="none") * confident).sum() / valid.sum().clamp(min=1)
         losses = [distill_loss(out.translated[n], targets[n], tr["distill_loss"]) for n in targets]
         loss_distill = torch.stack(losses).mean() if losses else torch.zeros((), device=self.device)
         loss = (loss_sup + loss_unsup + loss_distill) / 3
@@ -382,9 +381,12 @@ class Trainer:
             for p_ema, p in zip(self.ema.parameters(), self.student.parameters()):
                 p_ema.mul_(momentum).add_(p.detach(), alpha=1 - momentum)
             for b_ema, b in zip(self.ema.buffers(), self.student.buffers()):
-                b_ema.copy_(b_ema * momentum + b.detach() * (1 - momentum)) if b.dtype.is_floating_point else b_ema.copy_(b)
+                if b.dtype.is_floating_point:
+                    b_ema.mul_(momentum).add_(b.detach(), alpha=1 - momentum)
+                else:  # counters such as BatchNorm's num_batches_tracked
+                    b_ema.copy_(b)
         self.step += 1
-        mask_ratio = ((conf >= tr["conf_thresh"]) & valid).float().sum() / valid.sum().clamp(min=1)
+        mask_ratio = confident.float().sum() / valid.sum().clamp(min=1)
         return {"loss": loss.item(), "loss_sup": loss_sup.item(), "loss_unsup": loss_unsup.item(),
                 "loss_distill": loss_distill.item(), "mask_ratio": mask_ratio.item(), "lr": lr}
 
@@ -434,13 +436,10 @@ class Trainer:
     def _evaluate(self, log) -> None:
         if not self.val_ids:
             return
-        names = self.class_names
-        mode = self.recipe["train"]["eval_mode"]
-        crop = self.student.config["crop_size"]
-        res = evaluate(self.student, self.dataset, self.val_ids, len(names), self.device, mode, crop,
-                       bands=tuple(self.recipe["data"]["bands"]), max_value=self.recipe["data"]["max_value"])
-        res_ema = evaluate(self.ema, self.dataset, self.val_ids, len(names), self.device, mode, crop,
-                           bands=tuple(self.recipe["data"]["bands"]), max_value=self.recipe["data"]["max_value"])
+        data = self.recipe["data"]
+        res, res_ema = (evaluate(model, self.dataset, self.val_ids, len(self.class_names), self.device,
+                                 self.recipe["train"]["eval_mode"], self.student.config["crop_size"],
+                                 tuple(data["bands"]), data["max_value"]) for model in (self.student, self.ema))
         if res["mIoU"] >= self.best["mIoU"]:
             self.best = {"mIoU": res["mIoU"], "mIoU_ema": res_ema["mIoU"], "step": self.step}
             self._save("best.pt")
