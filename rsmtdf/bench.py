@@ -92,21 +92,12 @@ def _sync() -> None:
 
 def median_time(fn: Callable[[], object], repeats: int = 3, warmup: int = 1) -> dict:
     """Median wall time of `fn()` over `repeats` calls after `warmup` untimed ones (seconds)."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        _sync()
-        t0 = time.perf_counter()
-        fn()
-        _sync()
-        times.append(time.perf_counter() - t0)
-    return {"median_s": statistics.median(times), "times_s": times}
+    return interleaved_times({"fn": fn}, repeats, warmup)["fn"]
 
 
 def interleaved_times(fns: dict[str, Callable[[], object]], repeats: int = 3, warmup: int = 1) -> dict:
-    """`median_time` of several set-ups taken round-robin, so a drift in the machine's load (other
-    processes, clock) hits every set-up alike instead of whichever ran last."""
+    """Median wall times of several set-ups taken round-robin, so a drift in the machine's load
+    (other processes, clock) hits every set-up alike instead of whichever ran last."""
     for _ in range(warmup):
         for fn in fns.values():
             fn()
@@ -387,8 +378,7 @@ def bench_read(ctx: Context, workers: int = 2) -> dict:
     else:
         step_s = ctx.step_result["times"]["cached_read"]["median_s"]
     cache = trainer.cache
-    n, a = cache.group["views"].shape[:2]
-    pairs = [(i, v) for i in range(n) for v in range(a)]
+    pairs = [(i, v) for i in range(cache.num_samples) for v in range(cache.num_views)]
     pairs = (pairs * math.ceil(256 / len(pairs)))[:256]
     loader = DataLoader(_Reads(cache.reader(), pairs), batch_size=s.batch, num_workers=workers,
                         persistent_workers=workers > 0)
