@@ -4,6 +4,9 @@ RS-MTDF distils the student's deepest feature toward each frozen teacher through
 and fuses the translated features back into that feature before the decoder. Teachers never live in
 this module: their targets come from the cache (or an online teacher) and are compared with
 `StudentOutput.translated` by the training loss.
+
+Every caller feeds RGB in [0, 1] (`to_unit_rgb`, padded with 0); the student applies its encoder's
+pretrained mean/std itself, so training, pseudo-labels, evaluation and mapping cannot forget it.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import timm
+import torch
 import torch.nn.functional as F
 from timm.models import is_model_in_modules
 from torch import Tensor, nn
@@ -198,6 +202,8 @@ class Student(nn.Module):
         fusion_weights: tuple[float, float] = (0.8, 0.1),
         translator_hidden: int = 1024,
         pretrained: WeightSource | str | Path | None = None,
+        input_mean: tuple[float, float, float] | None = None,
+        input_std: tuple[float, float, float] | None = None,
         **timm_kwargs: Any,
     ):
         super().__init__()
@@ -206,15 +212,23 @@ class Student(nn.Module):
         for t in teachers:
             if "." in t.name or not t.name:
                 raise RsmtdfError(f"teacher name '{t.name}' must be non-empty and contain no '.'")
+        self.teachers = list(teachers)
+        self.w_self, self.w_teacher = fusion_weights
+        self.encoder = Encoder(encoder, crop_size, pretrained, **timm_kwargs)
+        if input_mean is None or input_std is None:
+            # the statistics the encoder was pretrained with, as timm publishes them for it
+            data = timm.data.resolve_model_data_config(self.encoder.model)
+            input_mean, input_std = data["mean"], data["std"]
         self.config: dict[str, Any] = {
             "encoder": encoder, "num_classes": num_classes, "crop_size": crop_size,
             "teachers": [asdict(t) for t in teachers], "decoder": decoder,
             "fusion_weights": [float(w) for w in fusion_weights], "translator_hidden": translator_hidden,
+            "input_mean": [float(v) for v in input_mean], "input_std": [float(v) for v in input_std],
             "timm_kwargs": dict(timm_kwargs),
         }
-        self.teachers = list(teachers)
-        self.w_self, self.w_teacher = fusion_weights
-        self.encoder = Encoder(encoder, crop_size, pretrained, **timm_kwargs)
+        # not in the state dict: the config carries them, so a checkpoint's weights load as before
+        self.register_buffer("input_mean", torch.tensor(self.config["input_mean"]).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("input_std", torch.tensor(self.config["input_std"]).view(1, 3, 1, 1), persistent=False)
         features, out_channels = DECODERS[decoder]
         self.head = DPTHead(self.encoder.channels, num_classes, features, out_channels, single_stride=self.encoder.is_vit)
         d_s = self.encoder.channels[-1]
@@ -222,8 +236,12 @@ class Student(nn.Module):
         self.projections = nn.ModuleDict({t.name: nn.Linear(t.dim, d_s) for t in teachers})
 
     @classmethod
-    def from_config(cls, config: dict[str, Any]) -> Student:
-        """Rebuild (randomly initialised) the model a checkpoint's `config` describes."""
+    def from_config(cls, config: dict[str, Any], source: str | Path = "model config") -> Student:
+        """Rebuild (randomly initialised) the model a checkpoint's `config` describes, with the input
+        normalisation it records (never re-resolved: the weights were trained with that one)."""
+        if "input_mean" not in config or "input_std" not in config:
+            raise RsmtdfError(f"{source}: the model config records no input normalisation (a checkpoint from "
+                              "before the student normalised its own input, trained on unnormalised pixels); retrain it")
         kwargs = dict(config)
         kwargs["teachers"] = [TeacherSlot(**t) for t in kwargs["teachers"]]
         kwargs["fusion_weights"] = tuple(kwargs["fusion_weights"])
@@ -241,6 +259,8 @@ class Student(nn.Module):
         return [p for n, p in self.named_parameters() if not n.startswith("encoder.")]
 
     def forward(self, x: Tensor) -> StudentOutput:
+        """Logits and translated features for RGB in [0, 1] (B, 3, H, W)."""
+        x = (x - self.input_mean) / self.input_std
         feats = self.encoder(x)
         f = feats[-1]
         translated: dict[str, Tensor] = {}
