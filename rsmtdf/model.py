@@ -12,6 +12,7 @@ pretrained mean/std itself, so training, pseudo-labels, evaluation and mapping c
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -82,6 +83,8 @@ class Encoder(nn.Module):
         self.channels: list[int] = [info[i]["num_chs"] for i in self.indices]
         self.reductions: list[int] = [info[i]["reduction"] for i in self.indices]
         self.model.prune_intermediate_layers(self.indices, prune_norm=not self.is_vit, prune_head=True)
+        if self.is_vit and "dinov2" in name:
+            self.model._pos_embed = partial(_dinov2_pos_embed, self.model, self.model._pos_embed)
 
     @staticmethod
     def _weights_file(name: str, pretrained: WeightSource | str | Path | None) -> tuple[Path | None, str | None]:
@@ -95,6 +98,25 @@ class Encoder(nn.Module):
     def forward(self, x: Tensor) -> list[Tensor]:
         """Four maps (B, C_i, H / r_i, W / r_i), shallow to deep."""
         return self.model.forward_intermediates(x, indices=self.indices, norm=True, intermediates_only=True)
+
+
+def _dinov2_pos_embed(vit: nn.Module, timm_pos_embed: Any, x: Tensor) -> Tensor:
+    """timm's `_pos_embed` for a DINOv2 ViT, with DINOv2's own `interpolate_pos_encoding` at other
+    grid sizes (the student's 224 pass for CLIP, odd tiles): bicubic without antialias at scale
+    (n + 0.1) / N, as the reference runs it, where timm would resample with antialias to size n."""
+    B, H, W, C = x.shape
+    gh, gw = vit.patch_embed.grid_size
+    if (H, W) == (gh, gw) or vit.pos_embed is None:
+        return timm_pos_embed(x)
+    n = 0 if vit.no_embed_class else vit.num_prefix_tokens
+    prefix, grid = vit.pos_embed[:, :n], vit.pos_embed[:, n:]
+    grid = grid.float().reshape(1, gh, gw, C).permute(0, 3, 1, 2)
+    grid = F.interpolate(grid, scale_factor=((H + 0.1) / gh, (W + 0.1) / gw), mode="bicubic", antialias=False)
+    pos = torch.cat([prefix, grid.permute(0, 2, 3, 1).reshape(1, H * W, C).to(prefix.dtype)], dim=1)
+    tokens = [t.expand(B, -1, -1) for t in (vit.cls_token, vit.reg_token) if t is not None]
+    x = x.reshape(B, H * W, C)
+    x = torch.cat([*tokens, x + pos], dim=1) if vit.no_embed_class else torch.cat([*tokens, x], dim=1) + pos
+    return vit.pos_drop(x)
 
 
 class ResidualConvUnit(nn.Module):

@@ -212,3 +212,27 @@ def test_clip_teacher_at_its_size_with_openai_statistics_is_open_clips_preproces
     seen = first_layer_inputs(teacher.model, lambda: teacher.targets(unit(image)))[0]
     expected = open_clip.image_transform(224, is_train=False)(Image.fromarray(image))[None]
     assert (seen - expected).abs().max().item() < TOL
+
+
+def test_dinov2_student_interpolates_position_embeddings_as_dinov2_does():
+    """At another grid (the 224 pass: 16×16 of a 518-trained 37×37 embedding) the student adds
+    DINOv2's interpolation of its position embedding: bicubic, no antialias, scale (16 + 0.1) / 37,
+    as the reference's backbone; timm's default (antialias, size 16) would differ."""
+    from timm.layers import resample_abs_pos_embed
+
+    student = Student(STUDENTS[0][0], num_classes=3, crop_size=518, teachers=[], **TINY_VIT).eval()
+    vit = student.encoder.model
+    seen: dict[str, torch.Tensor] = {}
+    vit.patch_embed.register_forward_hook(lambda _m, _a, out: seen.__setitem__("patches", out.detach()))
+    vit.blocks[0].register_forward_pre_hook(lambda _m, args: seen.__setitem__("tokens", args[0].detach()))
+    with torch.no_grad():
+        vit.forward_intermediates(torch.rand(1, 3, 224, 224), indices=[0], intermediates_only=True)
+    pos = vit.pos_embed.detach()
+    grid = pos[:, 1:].reshape(1, 37, 37, -1).permute(0, 3, 1, 2)
+    dinov2 = F.interpolate(grid, scale_factor=(16.1 / 37, 16.1 / 37), mode="bicubic", antialias=False)
+    expected_pos = torch.cat([pos[:, :1], dinov2.permute(0, 2, 3, 1).reshape(1, 256, -1)], dim=1)
+    patches = seen["patches"].reshape(1, 256, -1)
+    expected = torch.cat([vit.cls_token, patches], dim=1) + expected_pos
+    assert (seen["tokens"] - expected).abs().max().item() < 1e-6
+    timm_pos = resample_abs_pos_embed(pos, new_size=(16, 16), old_size=(37, 37), num_prefix_tokens=1)
+    assert (timm_pos - expected_pos).abs().max().item() > 1e-4  # the two really differ
