@@ -197,6 +197,28 @@ def make_splits_cmd(
     typer.echo(f"wrote {len(counts)} lists to {target} (sha256 {splits_sha256(target)[:12]})")
 
 
+@app.command("check-splits")
+def check_splits_cmd(
+    recipe: Recipe = None, root: Root = None,
+    splits: Annotated[Optional[Path], typer.Option(help="Folder of lists [default: the recipe's splits].")] = None,
+) -> None:
+    """Check that every name in the split lists is a sample of the dataset folder (e.g. the committed
+    DWL lists against your DWL-prepared Potsdam or DeepGlobe).
+
+    Example:
+
+      rsmtdf check-splits -r pipeline/potsdam.toml --root /data/Potsdam
+    """
+    from .splits import check_lists
+
+    plan = Plan(recipe, root, None, None, None, None, None, None)
+    target = splits or Path(plan.recipe["data"]["splits"])
+    dataset = plan.dataset()
+    counts = check_lists(target, dataset)
+    typer.echo(", ".join(f"{k}: {v}" for k, v in counts.items()))
+    typer.echo(f"all {sum(counts.values())} names in {len(counts)} lists of {target} resolve in {dataset.root}")
+
+
 @app.command("train")
 def train(
     cache: Annotated[Optional[str], typer.Option("--cache", help="Finalized feature cache (path or URL); "
@@ -274,43 +296,37 @@ def evaluate_cmd(
     checkpoint: Annotated[Path, typer.Option("--checkpoint", help="A run's best.pt or latest.pt.")],
     split: Annotated[str, typer.Option("--split", help="val or test (or any list in the split folder).")] = "test",
     mode: Annotated[str, typer.Option("--mode", help="whole (tile at once) or sliding (crop windows).")] = "whole",
-    model: Annotated[str, typer.Option("--model", help="ema or student.")] = "ema",
+    protocol: Annotated[Optional[str], typer.Option("--protocol", help="rsmtdf or reference (the paper's code's "
+                                                    "evaluation) [default: the recipe's [eval] protocol].")] = None,
+    model: Annotated[Optional[str], typer.Option("--model", help="Headline model, ema or student [default: the "
+                                                 "protocol's]; both are reported.")] = None,
+    recipe: Annotated[Optional[Path], typer.Option("--recipe", "-r", help="Take [eval] from this recipe instead "
+                                                   "of the checkpoint's.")] = None,
     out: Annotated[Optional[Path], typer.Option("--out", help="JSON of the metrics [default: beside the checkpoint].")] = None,
     cache: Annotated[Optional[str], typer.Option("--cache", help="Evaluate on this cache's dataset and splits instead.")] = None,
     pictures: Annotated[int, typer.Option(help="Write image | truth | prediction PNGs of this many tiles.")] = 0,
 ) -> None:
-    """Evaluate a checkpoint: mIoU, per-class IoU and F1, OA and kappa, as a table and as JSON.
+    """Evaluate a checkpoint's student and EMA models: mIoU, per-class IoU and F1, OA and kappa, as a
+    table and as strict JSON.
 
-    Example:
+    Examples:
 
       rsmtdf evaluate --checkpoint runs/loveda-5pct/best.pt --split test --mode sliding
+
+      rsmtdf evaluate --checkpoint runs/potsdam-5pct/best.pt --protocol reference   # the paper's numbers
     """
     import json
 
-    from .data import open_dataset
-    from .evaluate import evaluate
-    from .metrics import format_table
-    from .splits import read_list
+    from .evaluate import evaluate_checkpoint, format_report
+    from .recipe import load_recipe
 
-    net, ident, recipe, device = _trained(checkpoint, model, mode)
-    ds, splits = ident["dataset"], ident["splits"]["dir"]
-    if cache is not None:
-        from .cache import FeatureCache
-
-        a = FeatureCache.open(cache).attrs
-        if a["dataset"]["classes"] != ident["class_names"]:
-            raise RsmtdfError(f"{checkpoint}: model has {len(ident['class_names'])} classes {ident['class_names']}, "
-                              f"cache {cache} has {len(a['dataset']['classes'])} {a['dataset']['classes']}")
-        ds, splits = a["dataset"], a["splits"]["dir"]
-    dataset = open_dataset(ds["name"], ds["root"], ds["classes"])
-    out = out or checkpoint.with_name(f"{checkpoint.stem}-{split}-{mode}-{model}.json")
-    metrics = evaluate(net, dataset, read_list(splits, split), len(ident["class_names"]), device, mode,
-                       ident["model"]["crop_size"], tuple(recipe["data"]["bands"]), recipe["data"]["max_value"],
-                       pictures=out.with_suffix(""), num_pictures=pictures)
-    typer.echo(format_table(metrics, ident["class_names"]))
-    out.write_text(json.dumps({"checkpoint": str(checkpoint), "split": split, "mode": mode, "model": model,
-                               "classes": ident["class_names"], **metrics}, indent=2))
-    typer.echo(f"wrote {out}" + (f" and pictures in {out.with_suffix('')}" if pictures else ""))
+    section = load_recipe(recipe)["eval"] if recipe is not None else None
+    folder = out.with_suffix("") if out else checkpoint.with_name(f"{checkpoint.stem}-{split}-{mode}-pictures")
+    report = evaluate_checkpoint(checkpoint, split, mode, protocol, model, cache, section, folder, pictures)
+    out = out or checkpoint.with_name(f"{checkpoint.stem}-{split}-{mode}-{report['protocol']['name']}.json")
+    typer.echo(format_report(report))
+    out.write_text(json.dumps(report, indent=2, allow_nan=False))
+    typer.echo(f"wrote {out}" + (f" and pictures in {folder}" if pictures else ""))
 
 
 @app.command("predict")

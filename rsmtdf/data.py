@@ -29,7 +29,9 @@ class ClassTable:
     """Class names and how a mask file encodes them.
 
     `codes` maps a raw mask value to a class index (or IGNORE); `colors` maps an RGB colour to a
-    class index. Exactly one of them is used; a value or colour not in the table is an error.
+    class index. RGB masks use `colors` when there are any, single-band masks `codes` (a table may
+    have both: DWL's preparation turns the ISPRS colours into index masks); a value or colour not in
+    the table is an error.
     """
 
     names: tuple[str, ...]
@@ -42,7 +44,7 @@ class ClassTable:
 
     def decode(self, raw: np.ndarray, path: Path) -> np.ndarray:
         """Raw mask (H×W codes or H×W×3 colours) → H×W uint8 class indices, 255 = ignore."""
-        if self.colors:
+        if self.colors and (not self.codes or raw.ndim == 3 and raw.shape[2] >= 3):
             if raw.ndim != 3 or raw.shape[2] < 3:
                 raise RsmtdfError(f"{path}: expected an RGB colour mask, got {raw.shape[2:] or 'one band'}")
             key = (raw[..., 0].astype(np.int64) << 16) | (raw[..., 1].astype(np.int64) << 8) | raw[..., 2]
@@ -71,14 +73,16 @@ LOVEDA = ClassTable(
     names=("background", "building", "road", "water", "barren", "forest", "agriculture"),
     codes={0: IGNORE, **{k: k - 1 for k in range(1, 8)}},
 )
-POTSDAM = ClassTable(
+POTSDAM = ClassTable(  # index masks as DWL writes them: 0 = impervious surface ... 5 = clutter
     names=("impervious surface", "building", "low vegetation", "tree", "car", "clutter"),
+    codes={**{k: k for k in range(6)}, IGNORE: IGNORE},
     colors={
         (255, 255, 255): 0, (0, 0, 255): 1, (0, 255, 255): 2, (0, 255, 0): 3, (255, 255, 0): 4, (255, 0, 0): 5,
     },
 )
-DEEPGLOBE = ClassTable(
+DEEPGLOBE = ClassTable(  # index masks as DWL writes them: 0 = urban ... 6 = unknown
     names=("urban", "agriculture", "rangeland", "forest", "water", "barren", "unknown"),
+    codes={**{k: k for k in range(7)}, IGNORE: IGNORE},
     colors={
         (0, 255, 255): 0, (255, 255, 0): 1, (255, 0, 255): 2, (0, 255, 0): 3, (0, 0, 255): 4,
         (255, 255, 255): 5, (0, 0, 0): 6,
@@ -198,16 +202,20 @@ class SegmentationDataset:
             records += self._pairs(base / "images", base / "masks", split, prefix=base.relative_to(self.root))
         return records
 
-    def _pairs(self, images: Path, masks: Path, split: str, prefix: Path, domain: str = "") -> list[Record]:
-        """Image files under `images` with their same-stem mask under `masks`, tiled if `self.tile`."""
+    def _pairs(self, images: Path, masks: Path, split: str, prefix: Path, domain: str = "", pattern: str = "*",
+               mask_stem: tuple[str, str] = ("", "")) -> list[Record]:
+        """Image files `pattern` under `images` with their mask under `masks`, tiled if `self.tile`.
+
+        The mask has the image's stem, with `mask_stem[0]` replaced by `mask_stem[1]` when given."""
         if not images.is_dir():
             return []
         by_stem = {p.stem: p for p in masks.glob("*") if p.suffix.lower() in IMAGE_SUFFIXES} if masks.is_dir() else {}
         records = []
-        for image in sorted(p for p in images.glob("*") if p.suffix.lower() in IMAGE_SUFFIXES):
-            mask = by_stem.get(image.stem)
+        for image in sorted(p for p in images.glob(pattern) if p.suffix.lower() in IMAGE_SUFFIXES):
+            stem = image.stem.replace(*mask_stem) if mask_stem[0] else image.stem
+            mask = by_stem.get(stem)
             if mask is None:
-                raise RsmtdfError(f"{image}: no mask for this image (looked for {masks}/{image.stem}.*)")
+                raise RsmtdfError(f"{image}: no mask for this image (looked for {masks}/{stem}.*)")
             base_id = (prefix / image.stem).as_posix()
             if self.tile is None:
                 records.append(Record(base_id, image, mask, split, domain))
@@ -300,17 +308,35 @@ class LoveDA(SegmentationDataset):
 
 
 class Potsdam(SegmentationDataset):
-    """ISPRS Potsdam as DWL prepares it: 512² crops with ISPRS colour masks."""
+    """ISPRS Potsdam as DWL prepares it: 512² crops `image/top_potsdam_<scene>_<k>_RGB.tif` with
+    index masks `label/top_potsdam_<scene>_<k>_label.tif`; the id is the image's stem, as the
+    committed split lists name it. Without `image/`, the folder layout with colour masks."""
 
     name = "potsdam"
     classes = POTSDAM
+    layout = "DWL's image/*_RGB.tif + label/*_label.tif, or images/ + masks/"
+
+    def _list(self) -> list[Record]:
+        if not (self.root / "image").is_dir():
+            return super()._list()
+        return self._pairs(self.root / "image", self.root / "label", "train", Path("."), pattern="*_RGB.*",
+                           mask_stem=("_RGB", "_label"))
 
 
 class DeepGlobe(SegmentationDataset):
-    """DeepGlobe land cover as DWL prepares it: 512² crops with colour masks."""
+    """DeepGlobe land cover as DWL prepares it: 512² crops `data_cropped/<scene>_sat_<k>.jpg` beside
+    index masks `<scene>_mask_<k>.png`; the id is the image's stem, as the committed split lists name
+    it. Without `data_cropped/`, the folder layout with colour masks."""
 
     name = "deepglobe"
     classes = DEEPGLOBE
+    layout = "DWL's data_cropped/*_sat_*.jpg + *_mask_*.png, or images/ + masks/"
+
+    def _list(self) -> list[Record]:
+        crops = self.root / "data_cropped"
+        if not crops.is_dir():
+            return super()._list()
+        return self._pairs(crops, crops, "train", Path("."), pattern="*_sat_*", mask_stem=("_sat_", "_mask_"))
 
 
 DATASETS: dict[str, type[SegmentationDataset]] = {

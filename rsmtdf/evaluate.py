@@ -1,7 +1,13 @@
-"""Evaluation: confusion-matrix mIoU, per-class IoU and F1, OA, kappa; whole-tile or sliding window."""
+"""Evaluation: confusion-matrix mIoU, per-class IoU and F1, OA, kappa; whole-tile or sliding window.
+
+Two protocols (`PROTOCOLS`): ours (`rsmtdf`) and the paper's code's (`reference`), which differ in
+which model is the headline, how a whole tile meets the patch grid, how windows combine, which
+classes are scored and how absent classes count. Both models of a checkpoint are always reported.
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -10,20 +16,64 @@ import torch.nn.functional as F
 from torch import nn
 
 from .data import SegmentationDataset, to_unit_rgb
+from .errors import RsmtdfError
 from .metrics import ConfusionMatrix
 from .plots import palette, prediction_picture
 
 MODES = ("whole", "sliding")
+WHOLE = ("pad", "resize")
+SLIDING = ("logits", "softmax")
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """How a checkpoint is scored; `scored` comes from the recipe's `[eval]` for the dataset."""
+
+    name: str
+    model: str  # headline model: "ema" or "student"
+    whole: str  # whole tile: "pad" to the patch multiple, or "resize" to the nearest one and back
+    sliding: str  # windows combined by averaging "logits" or summing "softmax" probabilities
+    convention: str  # metrics convention (rsmtdf.metrics): absent classes, precision's denominator
+
+
+PROTOCOLS = {
+    "rsmtdf": Protocol("rsmtdf", model="ema", whole="pad", sliding="logits", convention="rsmtdf"),
+    # the reference's eval scripts: the student of the checkpoint chosen by the student's val mIoU,
+    # tiles resized to a multiple of 14 and logits resized back, softmax summed over windows
+    "reference": Protocol("reference", model="student", whole="resize", sliding="softmax", convention="reference"),
+}
+
+
+def resolve_protocol(name: str, eval_section: dict, class_names: list[str], where: str = "recipe [eval]") -> tuple[Protocol, list[int]]:
+    """The protocol `name` and the class indices it scores, from the recipe's `[eval]` section:
+    `scored_classes` for ours, `reference_scored_classes` for the reference's ([] = all)."""
+    if name not in PROTOCOLS:
+        raise RsmtdfError(f"--protocol {name}: choose one of {', '.join(PROTOCOLS)}")
+    key = "reference_scored_classes" if name == "reference" else "scored_classes"
+    names = list(eval_section.get(key) or [])
+    unknown = [n for n in names if n not in class_names]
+    if unknown:
+        raise RsmtdfError(f"{where} {key}: '{unknown[0]}' is not a class of this model ({', '.join(class_names)})")
+    scored = sorted(class_names.index(n) for n in names) if names else list(range(len(class_names)))
+    return PROTOCOLS[name], scored
 
 
 @torch.no_grad()
-def predict(model: nn.Module, x: torch.Tensor, mode: str, crop: int, patch: int) -> torch.Tensor:
-    """Logits (B, K, H, W) for images (B, 3, H, W) in [0, 1].
+def predict(model: nn.Module, x: torch.Tensor, mode: str, crop: int, patch: int, whole: str = "pad",
+            sliding: str = "logits") -> torch.Tensor:
+    """Class scores (B, K, H, W) for images (B, 3, H, W) in [0, 1]; their argmax is the prediction.
 
-    whole: the tile at once, padded bottom/right to the encoder's patch multiple;
-    sliding: crop-sized windows at 2/3 overlap stride, logits averaged where they overlap."""
+    whole: the tile at once, either padded bottom/right with 0 to the encoder's patch multiple
+    (`pad`) or resized (bilinear, align_corners) to the nearest multiple and its logits resized back
+    (`resize`, the reference's); sliding: crop-sized windows at 2/3 overlap stride, either logits
+    averaged (`logits`) or softmax probabilities summed, here averaged, which has the same argmax
+    (`softmax`, the reference's)."""
     h, w = x.shape[-2:]
     if mode == "whole":
+        if whole == "resize":
+            size = tuple(max(patch, int(s / patch + 0.5) * patch) for s in (h, w))  # the reference's rounding
+            logits = model(F.interpolate(x, size=size, mode="bilinear", align_corners=True)).logits
+            return F.interpolate(logits, size=(h, w), mode="bilinear", align_corners=True)
         ph, pw = -h % patch, -w % patch
         return model(F.pad(x, (0, pw, 0, ph))).logits[..., :h, :w]
     x = F.pad(x, (0, max(crop - w, 0), 0, max(crop - h, 0)))
@@ -35,8 +85,9 @@ def predict(model: nn.Module, x: torch.Tensor, mode: str, crop: int, patch: int)
     for y0 in ys:
         for x0 in xs:
             logits = model(x[..., y0 : y0 + crop, x0 : x0 + crop]).logits
+            scores = logits.softmax(1) if sliding == "softmax" else logits
             out = torch.zeros(x.shape[0], logits.shape[1], H, W, device=x.device) if out is None else out
-            out[..., y0 : y0 + crop, x0 : x0 + crop] += logits
+            out[..., y0 : y0 + crop, x0 : x0 + crop] += scores
             count[..., y0 : y0 + crop, x0 : x0 + crop] += 1
     return (out / count)[..., :h, :w]
 
@@ -44,9 +95,11 @@ def predict(model: nn.Module, x: torch.Tensor, mode: str, crop: int, patch: int)
 def evaluate(model: nn.Module, dataset: SegmentationDataset, ids: list[str], num_classes: int,
              device: torch.device | str, mode: str = "whole", crop: int = 518,
              bands: tuple[int, int, int] = (0, 1, 2), max_value: float | None = None,
-             pictures: Path | None = None, num_pictures: int = 0) -> dict:
-    """Metrics of `model` over the samples `ids` (sharded over DDP ranks, summed); with `pictures`,
-    also image | ground truth | prediction PNGs of the first `num_pictures` samples there."""
+             pictures: Path | None = None, num_pictures: int = 0,
+             protocol: Protocol = PROTOCOLS["rsmtdf"], scored: list[int] | None = None) -> dict:
+    """Metrics of `model` over the samples `ids` (sharded over DDP ranks, summed) under `protocol`,
+    scoring the classes `scored` (default all); with `pictures`, also image | ground truth |
+    prediction PNGs of the first `num_pictures` samples there."""
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     was_training = model.training
     model.eval()
@@ -55,7 +108,7 @@ def evaluate(model: nn.Module, dataset: SegmentationDataset, ids: list[str], num
     for sid in ids[rank::world]:
         sample = dataset.load(dataset.index(sid))
         x = torch.from_numpy(to_unit_rgb(sample.image, bands, max_value)).permute(2, 0, 1)[None].to(device)
-        pred = predict(model, x, mode, crop, model.patch).argmax(1)
+        pred = predict(model, x, mode, crop, model.patch, protocol.whole, protocol.sliding).argmax(1)
         cm.update(pred, torch.from_numpy(sample.mask).long()[None].to(device))
         if pictures is not None and drawn < num_pictures:
             pictures.mkdir(parents=True, exist_ok=True)
@@ -64,4 +117,80 @@ def evaluate(model: nn.Module, dataset: SegmentationDataset, ids: list[str], num
             drawn += 1
     cm.all_reduce()
     model.train(was_training)
-    return cm.compute()
+    return cm.compute(scored, protocol.convention)
+
+
+def evaluate_checkpoint(checkpoint: Path, split: str = "test", mode: str = "whole", protocol: str | None = None,
+                        model: str | None = None, cache: str | None = None, eval_section: dict | None = None,
+                        pictures: Path | None = None, num_pictures: int = 0) -> dict:
+    """Score both models of a checkpoint (student and EMA) on a split list under a protocol; the
+    report (strict JSON) leads with the protocol's headline model, or `model` when given.
+
+    `eval_section` (a recipe's `[eval]`) defaults to the one the checkpoint was trained with."""
+    import torch as _torch
+
+    from .data import open_dataset
+    from .metrics import foreground
+    from .predict import load_trained
+    from .splits import read_list
+
+    if mode not in MODES:
+        raise RsmtdfError(f"--mode {mode}: choose one of {', '.join(MODES)}")
+    if model not in (None, "ema", "student"):
+        raise RsmtdfError(f"--model {model}: choose ema or student")
+    device = "cuda" if _torch.cuda.is_available() else "cpu"
+    nets = {which: load_trained(checkpoint, which) for which in ("student", "ema")}
+    _, ident, recipe = nets["student"]
+    names = list(ident["class_names"])
+    section = eval_section if eval_section is not None else recipe.get("eval", {})
+    proto, scored = resolve_protocol(protocol or section.get("protocol", "rsmtdf"), section, names)
+    headline = model or proto.model
+    ds, splits = ident["dataset"], ident["splits"]["dir"]
+    if cache is not None:
+        from .cache import FeatureCache
+
+        a = FeatureCache.open(cache).attrs
+        if a["dataset"]["classes"] != names:
+            raise RsmtdfError(f"{checkpoint}: model has {len(names)} classes {names}, "
+                              f"cache {cache} has {len(a['dataset']['classes'])} {a['dataset']['classes']}")
+        ds, splits = a["dataset"], a["splits"]["dir"]
+    dataset = open_dataset(ds["name"], ds["root"], ds["classes"])
+    ids = read_list(splits, split)
+    results = {}
+    for which in (headline, "ema" if headline == "student" else "student"):
+        net = nets[which][0].to(device)
+        results[which] = evaluate(net, dataset, ids, len(names), device, mode, ident["model"]["crop_size"],
+                                  tuple(recipe["data"]["bands"]), recipe["data"]["max_value"],
+                                  pictures if which == headline else None, num_pictures, proto, scored)
+    main = results[headline]
+    report = {"checkpoint": str(checkpoint), "split": split, "mode": mode,
+              "protocol": {"name": proto.name, "whole": proto.whole, "sliding": proto.sliding,
+                           "absent_classes": "zero" if proto.convention == "reference" else "left out",
+                           "convention": proto.convention},
+              "model": headline, "classes": names, "scored_classes": [names[k] for k in main["scored"]],
+              "absent_classes": [names[k] for k in main["absent"]], **main}
+    fg = foreground(names)
+    if fg is not None:
+        report["foreground"] = {"class": names[fg], "IoU": main["IoU"][fg], "F1": main["F1"][fg]}
+    report["models"] = {which: results[which] for which in ("student", "ema")}
+    return report
+
+
+def format_report(report: dict) -> str:
+    """The printed evaluation: what was scored and how, the headline table, the other model's scores."""
+    from .metrics import format_table
+
+    p = report["protocol"]
+    how = (f"whole tiles {'resized to a multiple of the patch' if p['whole'] == 'resize' else 'padded'}"
+           if report["mode"] == "whole" else
+           f"sliding windows ({'softmax summed' if p['sliding'] == 'softmax' else 'logits averaged'})")
+    scored = report["scored_classes"]
+    lines = [f"protocol {p['name']}: {report['model']} model, {how}, "
+             f"scoring {'all ' + str(len(scored)) if len(scored) == len(report['classes']) else len(scored)} "
+             f"classes ({', '.join(scored)}), split {report['split']}",
+             format_table(report, report["classes"])]
+    other = "ema" if report["model"] == "student" else "student"
+    o = report["models"][other]
+    lines.append(f"{other} model: " + ", ".join(f"{key} {'n/a' if o[key] is None else format(o[key], fmt)}"
+                                                for key, fmt in (("mIoU", ".2f"), ("mF1", ".2f"), ("OA", ".2f"), ("kappa", ".4f"))))
+    return "\n".join(lines)

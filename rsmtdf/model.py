@@ -4,15 +4,20 @@ RS-MTDF distils the student's deepest feature toward each frozen teacher through
 and fuses the translated features back into that feature before the decoder. Teachers never live in
 this module: their targets come from the cache (or an online teacher) and are compared with
 `StudentOutput.translated` by the training loss.
+
+Every caller feeds RGB in [0, 1] (`to_unit_rgb`, padded with 0); the student applies its encoder's
+pretrained mean/std itself, so training, pseudo-labels, evaluation and mapping cannot forget it.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import timm
+import torch
 import torch.nn.functional as F
 from timm.models import is_model_in_modules
 from torch import Tensor, nn
@@ -78,6 +83,8 @@ class Encoder(nn.Module):
         self.channels: list[int] = [info[i]["num_chs"] for i in self.indices]
         self.reductions: list[int] = [info[i]["reduction"] for i in self.indices]
         self.model.prune_intermediate_layers(self.indices, prune_norm=not self.is_vit, prune_head=True)
+        if self.is_vit and "dinov2" in name:
+            self.model._pos_embed = partial(_dinov2_pos_embed, self.model, self.model._pos_embed)
 
     @staticmethod
     def _weights_file(name: str, pretrained: WeightSource | str | Path | None) -> tuple[Path | None, str | None]:
@@ -91,6 +98,25 @@ class Encoder(nn.Module):
     def forward(self, x: Tensor) -> list[Tensor]:
         """Four maps (B, C_i, H / r_i, W / r_i), shallow to deep."""
         return self.model.forward_intermediates(x, indices=self.indices, norm=True, intermediates_only=True)
+
+
+def _dinov2_pos_embed(vit: nn.Module, timm_pos_embed: Any, x: Tensor) -> Tensor:
+    """timm's `_pos_embed` for a DINOv2 ViT, with DINOv2's own `interpolate_pos_encoding` at other
+    grid sizes (the student's 224 pass for CLIP, odd tiles): bicubic without antialias at scale
+    (n + 0.1) / N, as the reference runs it, where timm would resample with antialias to size n."""
+    B, H, W, C = x.shape
+    gh, gw = vit.patch_embed.grid_size
+    if (H, W) == (gh, gw) or vit.pos_embed is None:
+        return timm_pos_embed(x)
+    n = 0 if vit.no_embed_class else vit.num_prefix_tokens
+    prefix, grid = vit.pos_embed[:, :n], vit.pos_embed[:, n:]
+    grid = grid.float().reshape(1, gh, gw, C).permute(0, 3, 1, 2)
+    grid = F.interpolate(grid, scale_factor=((H + 0.1) / gh, (W + 0.1) / gw), mode="bicubic", antialias=False)
+    pos = torch.cat([prefix, grid.permute(0, 2, 3, 1).reshape(1, H * W, C).to(prefix.dtype)], dim=1)
+    tokens = [t.expand(B, -1, -1) for t in (vit.cls_token, vit.reg_token) if t is not None]
+    x = x.reshape(B, H * W, C)
+    x = torch.cat([*tokens, x + pos], dim=1) if vit.no_embed_class else torch.cat([*tokens, x], dim=1) + pos
+    return vit.pos_drop(x)
 
 
 class ResidualConvUnit(nn.Module):
@@ -198,6 +224,8 @@ class Student(nn.Module):
         fusion_weights: tuple[float, float] = (0.8, 0.1),
         translator_hidden: int = 1024,
         pretrained: WeightSource | str | Path | None = None,
+        input_mean: tuple[float, float, float] | None = None,
+        input_std: tuple[float, float, float] | None = None,
         **timm_kwargs: Any,
     ):
         super().__init__()
@@ -206,15 +234,23 @@ class Student(nn.Module):
         for t in teachers:
             if "." in t.name or not t.name:
                 raise RsmtdfError(f"teacher name '{t.name}' must be non-empty and contain no '.'")
+        self.teachers = list(teachers)
+        self.w_self, self.w_teacher = fusion_weights
+        self.encoder = Encoder(encoder, crop_size, pretrained, **timm_kwargs)
+        if input_mean is None or input_std is None:
+            # the statistics the encoder was pretrained with, as timm publishes them for it
+            data = timm.data.resolve_model_data_config(self.encoder.model)
+            input_mean, input_std = data["mean"], data["std"]
         self.config: dict[str, Any] = {
             "encoder": encoder, "num_classes": num_classes, "crop_size": crop_size,
             "teachers": [asdict(t) for t in teachers], "decoder": decoder,
             "fusion_weights": [float(w) for w in fusion_weights], "translator_hidden": translator_hidden,
+            "input_mean": [float(v) for v in input_mean], "input_std": [float(v) for v in input_std],
             "timm_kwargs": dict(timm_kwargs),
         }
-        self.teachers = list(teachers)
-        self.w_self, self.w_teacher = fusion_weights
-        self.encoder = Encoder(encoder, crop_size, pretrained, **timm_kwargs)
+        # not in the state dict: the config carries them, so a checkpoint's weights load as before
+        self.register_buffer("input_mean", torch.tensor(self.config["input_mean"]).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("input_std", torch.tensor(self.config["input_std"]).view(1, 3, 1, 1), persistent=False)
         features, out_channels = DECODERS[decoder]
         self.head = DPTHead(self.encoder.channels, num_classes, features, out_channels, single_stride=self.encoder.is_vit)
         d_s = self.encoder.channels[-1]
@@ -222,8 +258,12 @@ class Student(nn.Module):
         self.projections = nn.ModuleDict({t.name: nn.Linear(t.dim, d_s) for t in teachers})
 
     @classmethod
-    def from_config(cls, config: dict[str, Any]) -> Student:
-        """Rebuild (randomly initialised) the model a checkpoint's `config` describes."""
+    def from_config(cls, config: dict[str, Any], source: str | Path = "model config") -> Student:
+        """Rebuild (randomly initialised) the model a checkpoint's `config` describes, with the input
+        normalisation it records (never re-resolved: the weights were trained with that one)."""
+        if "input_mean" not in config or "input_std" not in config:
+            raise RsmtdfError(f"{source}: the model config records no input normalisation (a checkpoint from "
+                              "before the student normalised its own input, trained on unnormalised pixels); retrain it")
         kwargs = dict(config)
         kwargs["teachers"] = [TeacherSlot(**t) for t in kwargs["teachers"]]
         kwargs["fusion_weights"] = tuple(kwargs["fusion_weights"])
@@ -241,6 +281,8 @@ class Student(nn.Module):
         return [p for n, p in self.named_parameters() if not n.startswith("encoder.")]
 
     def forward(self, x: Tensor) -> StudentOutput:
+        """Logits and translated features for RGB in [0, 1] (B, 3, H, W)."""
+        x = (x - self.input_mean) / self.input_std
         feats = self.encoder(x)
         f = feats[-1]
         translated: dict[str, Tensor] = {}

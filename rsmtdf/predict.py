@@ -20,7 +20,7 @@ from .plots import palette
 def load_trained(checkpoint: str | Path, which: str = "ema") -> tuple[Student, dict, dict]:
     """(model, identity, recipe) of a checkpoint; `which` is "ema" or "student"."""
     ckpt = load_checkpoint(checkpoint)
-    net = Student.from_config(ckpt["identity"]["model"])
+    net = Student.from_config(ckpt["identity"]["model"], source=checkpoint)
     net.load_state_dict(ckpt[which])
     return net.eval(), ckpt["identity"], json.loads(ckpt["recipe"])
 

@@ -19,6 +19,9 @@ DEFAULTS: dict = {
     "train": {"epochs": 60, "batch_size": 8, "lr": 5e-6, "head_lr_multiplier": 40.0, "weight_decay": 0.01,
               "poly_power": 0.9, "conf_thresh": 0.95, "ema_momentum": 0.996, "distill_loss": "mse",
               "workers": 2, "eval_every": 1, "eval_mode": "whole", "seed": 0, "max_steps": None},
+    # `rsmtdf evaluate`: protocol "rsmtdf" or "reference" (the paper's code's); the class names each
+    # scores in its means ([] = all classes)
+    "eval": {"protocol": "rsmtdf", "scored_classes": [], "reference_scored_classes": []},
 }
 
 

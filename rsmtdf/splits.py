@@ -98,3 +98,28 @@ def read_list(splits_dir: str | Path, name: str) -> list[str]:
 
 def describe(splits_dir: str | Path) -> dict:
     return {"dir": str(Path(splits_dir).resolve()), "sha256": splits_sha256(splits_dir)}
+
+
+def check_lists(splits_dir: str | Path, dataset: SegmentationDataset) -> dict[str, int]:
+    """Names per list, after checking that every name in every list is a sample of `dataset`.
+
+    Committed lists (e.g. the reference's DWL lists for Potsdam and DeepGlobe) only compare with the
+    paper when they resolve against the user's folder; the first name that does not is named."""
+    root = Path(splits_dir)
+    files = sorted(root.rglob("*.txt"))
+    if not files:
+        raise RsmtdfError(f"{root}: no split lists here (run `rsmtdf make-splits` first)")
+    known = set(dataset.ids)
+    counts, first, missing = {}, None, 0
+    for f in files:
+        names = [line.strip() for line in f.read_text().splitlines()]
+        for n, name in enumerate(names, 1):
+            if name and name not in known:
+                missing += 1
+                first = first or (f, n, name)
+        counts[f.relative_to(root).as_posix()] = sum(1 for name in names if name)
+    if first is not None:
+        f, n, name = first
+        raise RsmtdfError(f"{f}: line {n} names '{name}', which {dataset.root} does not hold "
+                          f"({missing} of {sum(counts.values())} names missing; dataset '{dataset.name}' reads {dataset.layout})")
+    return counts

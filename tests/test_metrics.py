@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import math
+import json
 
 import numpy as np
 import pytest
@@ -91,12 +91,13 @@ def test_single_class_perfect_prediction_has_kappa_1_not_nan() -> None:
     assert m["mIoU"] == pytest.approx(100.0)
 
 
-def test_class_absent_everywhere_is_nan_and_excluded_from_means() -> None:
+def test_class_absent_everywhere_is_null_listed_and_excluded_from_means() -> None:
     pred, target = pairs_from_matrix(HAND)  # class 3 never appears
     cm = ConfusionMatrix(4)
     cm.update(pred, target)
     m = cm.compute()
-    assert math.isnan(m["IoU"][3]) and math.isnan(m["F1"][3])
+    assert m["IoU"][3] is None and m["F1"][3] is None and m["absent"] == [3]
+    json.loads(json.dumps(m, allow_nan=False))  # strict JSON: no bare NaN
     assert m["IoU"][:3] == pytest.approx(EXP_IOU)
     assert m["mIoU"] == pytest.approx(EXP_MIOU)  # mean over 3 classes, not (sum + 0) / 4
     assert m["mF1"] == pytest.approx(EXP_MF1)
@@ -178,7 +179,7 @@ def test_all_reduce_sums_matrix_when_distributed(monkeypatch: pytest.MonkeyPatch
     cm = ConfusionMatrix(3)
     cm.update(pred, target)
     cm.all_reduce()
-    assert calls == [torch.distributed.ReduceOp.SUM]
+    assert calls == [torch.distributed.ReduceOp.SUM] * 2  # the matrix and the ignored pixels' predictions
     assert cm.matrix.tolist() == [[2 * c for c in row] for row in HAND]
     assert cm.compute()["mIoU"] == pytest.approx(EXP_MIOU)
 
@@ -196,6 +197,8 @@ def test_format_table_lists_classes_and_scores() -> None:
     assert "60.00" in table and "75.00" in table and "70.00" in table and "0.55" in table
     lines = table.splitlines()
     assert lines[0].split() == ["class", "IoU", "F1"]
-    assert [line.split()[0] for line in lines[-4:]] == ["mIoU", "mF1", "OA", "kappa"]
+    assert lines[4].split() == ["tree", "absent", "absent"]  # named, not silently dropped
+    assert [line.split()[0] for line in lines[-5:-1]] == ["mIoU", "mF1", "OA", "kappa"]
+    assert lines[-1] == "absent from truth and prediction (left out of the means): tree"
     with pytest.raises(ValueError):
         format_table(m, names[:3])

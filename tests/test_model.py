@@ -39,6 +39,11 @@ def capture_head_input(student: Student) -> list:
     return seen
 
 
+def normalised(student: Student, x: torch.Tensor) -> torch.Tensor:
+    """What the encoder receives for input x in [0, 1]: the student applies its mean/std first."""
+    return (x - student.input_mean) / student.input_std
+
+
 def capture_encoder_inputs(student: Student) -> list:
     seen: list = []
     student.encoder.register_forward_pre_hook(lambda _m, args: seen.append(args[0].clone()))
@@ -97,12 +102,12 @@ def test_fusion_arithmetic(weights: tuple[float, float]) -> None:
     teachers = [DINO, CLIP, COARSE]
     student = vit_student(teachers, fusion_weights=weights, translator_hidden=40).eval()
     seen = capture_head_input(student)
-    x = torch.randn(2, 3, CROP, CROP)
+    x = torch.rand(2, 3, CROP, CROP)
     with torch.no_grad():
         out = student(x)
-        feats = student.encoder(x)
+        feats = student.encoder(normalised(student, x))
         f = feats[-1]
-        f_clip = student.encoder(F.interpolate(x, size=(56, 56), mode="bilinear", align_corners=True))[-1]
+        f_clip = student.encoder(F.interpolate(normalised(student, x), size=(56, 56), mode="bilinear", align_corners=True))[-1]
         student_map = {"dino": f, "clip": f_clip, "coarse": F.interpolate(f, size=(3, 3), mode="bilinear")}
         total = torch.zeros_like(f)
         for t in teachers:
@@ -124,11 +129,11 @@ def test_second_pass_sees_align_corners_resize_once_per_size() -> None:
     clip2 = TeacherSlot("clip2", dim=8, grid=2, input_size=56)
     student = vit_student([DINO, CLIP, clip2, COARSE])
     seen = capture_encoder_inputs(student)
-    x = torch.randn(2, 3, CROP, CROP)
+    x = torch.rand(2, 3, CROP, CROP)
     student(x)
     assert len(seen) == 2  # the crop, and one run at 56 shared by both 56-px teachers
-    assert torch.equal(seen[0], x)
-    assert torch.equal(seen[1], F.interpolate(x, size=(56, 56), mode="bilinear", align_corners=True))
+    assert torch.equal(seen[0], normalised(student, x))
+    assert torch.equal(seen[1], F.interpolate(normalised(student, x), size=(56, 56), mode="bilinear", align_corners=True))
 
 
 def test_lite0_imagenet_weights_load_exactly() -> None:
@@ -173,10 +178,10 @@ def test_no_teachers_is_a_plain_segmenter() -> None:
     student = vit_student([])
     assert not any(n.startswith(("translators", "projections")) for n, _ in student.named_parameters())
     seen_enc, seen_head = capture_encoder_inputs(student), capture_head_input(student)
-    x = torch.randn(2, 3, CROP, CROP)
+    x = torch.rand(2, 3, CROP, CROP)
     with torch.no_grad():
         out = student(x)
-        feats = student.encoder(x)
+        feats = student.encoder(normalised(student, x))
     assert out.translated == {} and out.logits.shape == (2, 5, CROP, CROP)
     assert len(seen_enc) == 2  # our forward, then the reference call above: no second pass
     assert all(torch.equal(a, b) for a, b in zip(seen_head[0], feats))

@@ -160,14 +160,14 @@ def test_real_scenes_extract_train_evaluate(tmp_path, loveda_sample):
     out = run_cli("evaluate", "--checkpoint", tmp_path / "run" / "best.pt", "--split", "test", check=True).stdout
     for name in ("background", "building", "road", "water", "barren", "forest", "agriculture"):
         assert name in out
-    metrics = json.loads((tmp_path / "run" / "best-test-whole-ema.json").read_text())
+    metrics = json.loads((tmp_path / "run" / "best-test-whole-rsmtdf.json").read_text())
     assert len(metrics["IoU"]) == 7 and 0 <= metrics["OA"] <= 100
     sliding = run_cli("evaluate", "--checkpoint", tmp_path / "run" / "best.pt", "--split", "val", "--mode", "sliding",
                       "--pictures", "1", check=True).stdout
     assert "mIoU" in sliding
     from PIL import Image
 
-    pictures = list((tmp_path / "run" / "best-val-sliding-ema").glob("*.png"))
+    pictures = list((tmp_path / "run" / "best-val-sliding-pictures").glob("*.png"))
     assert len(pictures) == 1
     assert Image.open(pictures[0]).size == (3 * 512 + 2 * 4, 512)  # image | truth | prediction
 
