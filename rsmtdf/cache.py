@@ -261,7 +261,8 @@ class FeatureCache:
                 stored[f"teachers/{lay.name}"], stored[f"scales/{lay.name}"] = q, scale
                 check = scale
             else:
-                stored[f"teachers/{lay.name}"] = check = x.astype(np.float16)
+                with np.errstate(over="ignore"):  # an overflow becomes inf, which the check names
+                    stored[f"teachers/{lay.name}"] = check = x.astype(np.float16)
             self._check_finite(lay.name, check, r)
         self.group["views"][r.start : r.stop] = views
         for key, value in stored.items():
@@ -327,8 +328,13 @@ class FeatureCache:
         return self._ids
 
     def views_array(self) -> np.ndarray:
-        """(N, A, 5) parameters of every stored view."""
-        return self._read("views", lambda: self.group["views"][:])
+        """(N, A, 5) parameters of every stored view; a missing one (NaN) is refused, naming its sample."""
+        views = self._read("views", lambda: self.group["views"][:])
+        if np.isnan(views).any() and self.attrs.get("complete"):
+            i, a = (int(v) for v in np.argwhere(np.isnan(views).any(axis=-1))[0])
+            raise RsmtdfError(f"{self.url}: no stored parameters for sample {i} ('{self.ids[i]}') view {a} "
+                              f"(its chunk was deleted); {repair_hint(self.url)}")
+        return views
 
     def views_of(self, i: int) -> list[View]:
         return [View.from_array(v) for v in self._read("views", lambda: self.group["views"][i])]

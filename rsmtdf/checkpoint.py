@@ -22,23 +22,33 @@ def save_checkpoint(state: dict, path: str | Path) -> None:
     """Write beside, then rename. A full disk ends in one line; the previous file stays whole.
 
     torch.save writes through a Python file object, so a failed write is an OSError with its errno
-    (given a path, torch reports an unexplained RuntimeError)."""
+    (torch may raise a RuntimeError while closing its archive after it; the OSError is its context)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
             torch.save({"format": FORMAT, **state}, f)
-    except OSError as exc:
+    except (OSError, RuntimeError) as exc:
         written = tmp.stat().st_size if tmp.exists() else 0
         tmp.unlink(missing_ok=True)
-        if exc.errno != errno.ENOSPC:
-            raise RsmtdfError(f"{path}: cannot write the checkpoint ({exc.strerror})") from None
+        cause = _os_error(exc)
+        if cause is None:
+            raise
+        if cause.errno != errno.ENOSPC:
+            raise RsmtdfError(f"{path}: cannot write the checkpoint ({cause.strerror})") from None
         need = sum(t.numel() * t.element_size() for t in _tensors(state))
         raise RsmtdfError(f"{path}: disk full while saving the checkpoint ({written / 1e6:.1f} MB written, it needs "
                           f"about {need / 1e6:.1f} MB, {shutil.disk_usage(path.parent).free / 1e6:.1f} MB free); "
                           f"the previous {path.name} is untouched: free space and continue with --resume") from None
     os.replace(tmp, path)
+
+
+def _os_error(exc: BaseException | None) -> OSError | None:
+    """The OSError behind an exception, following what it was raised while handling."""
+    while exc is not None and not isinstance(exc, OSError):
+        exc = exc.__context__
+    return exc
 
 
 def _tensors(obj):

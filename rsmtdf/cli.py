@@ -409,6 +409,10 @@ def main() -> None:
     try:
         app()
     except RsmtdfError as exc:
+        from tqdm import tqdm
+
+        for bar in list(tqdm._instances):  # end any progress bar's line, so the error has its own
+            bar.close()
         typer.echo(f"error: {exc}", err=True)
         sys.exit(2)
 
