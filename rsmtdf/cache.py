@@ -319,7 +319,8 @@ class FeatureCache:
         try:
             return fn()
         except Exception as exc:  # noqa: BLE001 - any codec's failure on stored bytes is damage
-            raise RsmtdfError(f"{self.url}: array '{what}' is damaged ({decode_problem(exc)}); {repair_hint(self.url)}") from None
+            raise RsmtdfError(f"{self.url}: array '{what}' is damaged ({decode_problem(exc)}); "
+                              f"{repair_hint(self.url)}") from None
 
     @property
     def ids(self) -> list[str]:
@@ -373,8 +374,11 @@ class CacheReader:
                 x = self._group[f"teachers/{name}"][i, a]
                 if self.storage == "int8":
                     x = x.astype(np.float32) * self._group[f"scales/{name}"][i, a].astype(np.float32)[:, None]
+            except OSError as exc:  # the store itself failed (network, permissions): not damage
+                raise RsmtdfError(f"{self.url}: cannot read {where} ({exc.strerror or exc})") from None
             except Exception as exc:  # noqa: BLE001 - any codec's failure on stored bytes is damage
-                raise RsmtdfError(f"{self.url}: damaged chunk of {where} ({decode_problem(exc)}); {repair_hint(self.url)}") from None
+                raise RsmtdfError(f"{self.url}: damaged chunk of {where} ({decode_problem(exc)}); "
+                                  f"{repair_hint(self.url)}") from None
             x = x.astype(np.float32)
             if np.isnan(x).any():
                 raise RsmtdfError(f"{self.url}: no data for {where} (its shard is unwritten or was deleted); "

@@ -47,11 +47,13 @@ class ExtractSummary:
     shards_skipped: int
     missing: list[int]
     repaired: list[int] | None = None
+    repaired_ids: bool = False
 
     def line(self) -> str:
         rate = self.samples / self.seconds if self.seconds > 0 else 0.0
         state = "complete" if not self.missing else f"incomplete: {len(self.missing)} shards left to other workers"
-        repaired = "" if self.repaired is None else f"repaired {len(self.repaired)} damaged shards {self.repaired[:20]}; "
+        ids = "the ids array and " if self.repaired_ids else ""
+        repaired = "" if self.repaired is None else f"repaired {ids}{len(self.repaired)} damaged shards {self.repaired[:20]}; "
         return (f"{repaired}extracted {self.samples} samples × {self.views} views in {self.seconds:.1f} s "
                 f"({rate:.2f} samples/s), wrote {self.bytes_written / 1e6:.1f} MB; shards done {self.shards_done}, "
                 f"skipped {self.shards_skipped}; cache {state}")
@@ -84,11 +86,11 @@ class ViewSource(Dataset):
 
 @contextmanager
 def one_thread_per_op():
-    """Run torch ops on one intra-op thread; yields the count there was, to size a thread pool."""
+    """Run torch ops on one intra-op thread (and restore the count after)."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        yield before
+        yield
     finally:
         torch.set_num_threads(before)
 
@@ -124,7 +126,8 @@ def view_table(dataset: SegmentationDataset, splits_dir: str, spec: ViewSpec, te
 
 
 def auto_shard_samples(spec: ViewSpec, teachers: list[Teacher], storage: str) -> int:
-    per_sample = raw_bytes_per_sample([TeacherLayout(t.name, t.num_tokens, t.dim) for t in teachers], spec.count, storage)
+    layouts = [TeacherLayout(t.name, t.num_tokens, t.dim) for t in teachers]
+    per_sample = raw_bytes_per_sample(layouts, spec.count, storage)
     return max(1, int(SHARD_BYTES // per_sample))
 
 
@@ -153,14 +156,14 @@ def extract(dataset: SegmentationDataset, splits_dir: str, spec: ViewSpec, teach
         cache = FeatureCache.create(output, ids, {**attrs, "compute": _compute(device, batch_size)}, layouts,
                                     shard_samples)
         _check_compute(cache, _compute(device, batch_size))
-        repaired = _drop_damaged(cache, owned, ids, progress) if repair else None
+        repaired, repaired_ids = _drop_damaged(cache, owned, ids, progress) if repair else (None, False)
         summary = _extract_shards(cache, dataset, ids, spec, teachers, owned, batch_size, num_workers, device, bands,
                                   max_value, progress)
     except OSError as exc:
         if exc.errno != errno.ENOSPC:
             raise
         raise RsmtdfError(_disk_full(output, layouts, spec.count, storage, owned, shard_samples, len(ids))) from None
-    summary.repaired = repaired
+    summary.repaired, summary.repaired_ids = repaired, repaired_ids
     return summary
 
 
@@ -173,12 +176,14 @@ def _check_compute(cache: FeatureCache, compute: dict) -> None:
     found = cache.attrs.get("compute")
     if found != compute:
         raise RsmtdfError(f"{cache.url}: its shards were extracted with --batch-size {found['batch_size']} on "
-                          f"{found['device']}; this run uses --batch-size {compute['batch_size']} on {compute['device']}, "
-                          f"which gives other float16 values: resume with the same settings, or choose another --output")
+                          f"{found['device']}; this run uses --batch-size {compute['batch_size']} on "
+                          f"{compute['device']}, which gives other float16 values: resume with the same settings, "
+                          f"or choose another --output")
 
 
-def _drop_damaged(cache: FeatureCache, owned: list[int], ids: list[str], progress: bool) -> list[int]:
-    """Verify this worker's shards; rewrite damaged ids, drop damaged shards (to extract again)."""
+def _drop_damaged(cache: FeatureCache, owned: list[int], ids: list[str], progress: bool) -> tuple[list[int], bool]:
+    """Verify this worker's shards; rewrite damaged ids, drop damaged shards (to extract again).
+    Returns (dropped shards, whether the ids were rewritten)."""
     from .verify import verify_cache
 
     report = verify_cache(cache, owned, progress=progress)
@@ -186,7 +191,7 @@ def _drop_damaged(cache: FeatureCache, owned: list[int], ids: list[str], progres
         cache.rewrite_ids(ids)
     for k in report.damaged_shards:
         cache.drop_shard(k)
-    return report.damaged_shards
+    return report.damaged_shards, bool(report.ids_damaged)
 
 
 def _extract_shards(cache: FeatureCache, dataset: SegmentationDataset, ids: list[str], spec: ViewSpec,
@@ -264,7 +269,8 @@ def _run_teachers(teachers: list[Teacher], crops: torch.Tensor, batch_size: int,
     Each batch runs on one intra-op thread; on a CPU the batches run side by side in a thread pool
     as wide as torch's thread count, so the values do not depend on that count."""
     out = {}
-    with one_thread_per_op() as threads, ThreadPoolExecutor(threads if torch.device(device).type == "cpu" else 1) as pool:
+    width = torch.get_num_threads() if torch.device(device).type == "cpu" else 1
+    with one_thread_per_op(), ThreadPoolExecutor(width) as pool:
         for t in teachers:
             batches = [crops[b : b + batch_size].to(device) for b in range(0, len(crops), batch_size)]
             parts = pool.map(lambda x, t=t: t.targets(x).float().cpu(), batches)

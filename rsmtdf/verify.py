@@ -54,19 +54,19 @@ class VerifyReport:
         return out
 
     def summary(self) -> str:
-        state = "no damage" if not self.damage and not self.ids_damaged else \
-            f"{len(self.damaged_shards)} damaged shards {self.damaged_shards[:20]}" + \
-            (" and the ids array" if self.ids_damaged else "")
+        state = self._damage() or "no damage"
         unwritten = f", {len(self.unwritten)} shards not written yet" if self.unwritten else ""
         return (f"verified {len(self.shards)} shards ({self.chunks} chunks) of {self.url} in {self.seconds:.1f} s: "
                 f"{state}{unwritten}")
 
     def problem(self) -> str | None:
         """The error line for damage, or None."""
-        if not self.damage and not self.ids_damaged:
-            return None
-        return f"{self.url}: {len(self.damaged_shards)} damaged shards {self.damaged_shards[:20]}" + \
-            (" and a damaged ids array" if self.ids_damaged else "") + f"; run {repair_command(self.url)}"
+        damage = self._damage()
+        return f"{self.url}: {damage}; run {repair_command(self.url)}" if damage else None
+
+    def _damage(self) -> str:
+        parts = [f"{len(self.damaged_shards)} damaged shards {self.damaged_shards[:20]}"] if self.damage else []
+        return " and ".join(parts + (["a damaged ids array"] if self.ids_damaged else []))
 
 
 def verify_cache(cache: FeatureCache, shards: list[int] | None = None, threads: int | None = None,
