@@ -13,6 +13,10 @@ write unit. A worker only writes whole shards it owns and sets the shard's `done
 data; concurrent writers to one shard would lose data, so ownership is a rule. Unwritten chunks
 read as NaN (the fill value), which the reader rejects.
 
+Every chunk of every array ends in a crc32c checksum (zarr's `crc32c` codec after compression), so
+bit rot, a damaged chunk header, a truncated or deleted shard is found on read (one line naming the
+sample and view), by `rsmtdf inspect --verify`, and undone by `extract-features --repair`.
+
 Lifecycle: `create` (one process: arrays and attrs, made elsewhere and renamed into place on local
 disks so racing workers never see half a store) → `write_shard` by owners → `finalize` (checks
 every shard, consolidates metadata, sets `complete`).
@@ -31,13 +35,13 @@ from pathlib import Path
 import numpy as np
 import zarr
 import zarr.storage
-from zarr.codecs import BloscCodec
+from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
 
 from . import __version__
 from .errors import RsmtdfError
 from .views import View
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: every chunk carries a crc32c checksum
 STORAGES = ("float16", "int8")
 DIMS = ("sample", "view", "token", "channel")
 
@@ -47,12 +51,25 @@ def default_compressor() -> BloscCodec:
     return BloscCodec(cname="zstd", clevel=3, shuffle="bitshuffle")
 
 
-def _is_url(url: str) -> bool:
+def checksummed(compressor) -> tuple:
+    """The codecs after serialisation: compress, then append the chunk's crc32c."""
+    return (compressor, Crc32cCodec())
+
+
+def repair_command(url: str) -> str:
+    return f"`rsmtdf extract-features --repair -o {url}` with the recipe that made it"
+
+
+def repair_hint(url: str) -> str:
+    return f"run `rsmtdf inspect --verify {url}`, then {repair_command(url)}"
+
+
+def is_url(url: str) -> bool:
     return "://" in url and not url.startswith("file://")
 
 
 def _store(url: str, read_only: bool):
-    if _is_url(url):
+    if is_url(url):
         return zarr.storage.FsspecStore.from_url(url, read_only=read_only)
     return zarr.storage.LocalStore(url.removeprefix("file://"), read_only=read_only)
 
@@ -76,6 +93,12 @@ class TeacherLayout:
     name: str
     tokens: int
     dim: int
+
+
+def raw_bytes_per_sample(layouts: list[TeacherLayout], views: int, storage: str) -> int:
+    """Uncompressed bytes of one sample's targets (every view, every teacher; int8 adds its scales)."""
+    per_token = (lambda dim: dim + 2) if storage == "int8" else (lambda dim: 2 * dim)
+    return views * sum(lay.tokens * per_token(lay.dim) for lay in layouts)
 
 
 def expected_attrs(dataset: dict, splits: dict, views: dict, teachers: list[dict], storage: str) -> dict:
@@ -113,6 +136,7 @@ class FeatureCache:
         self.num_samples = int(self.attrs["dataset"]["num_samples"])
         self.num_views = int(self.attrs["views"]["count"])
         self.shard_samples = int(self.attrs["shard_samples"])
+        self._ids: list[str] | None = None
 
     # ---- creation and opening -------------------------------------------------------------
 
@@ -130,33 +154,15 @@ class FeatureCache:
                 raise RsmtdfError(f"{url}: holds a different cache: {why}; choose another --output or delete it")
             return cache
         target = url
-        if not _is_url(url):  # build beside, then rename into place: never half a store at `url`
+        if not is_url(url):  # build beside, then rename into place: never half a store at `url`
             Path(url).parent.mkdir(parents=True, exist_ok=True)
             target = f"{url}.init-{uuid.uuid4().hex[:8]}"
-        compressor = default_compressor() if compressor is None else compressor
-        n, a, s = len(ids), int(attrs["views"]["count"]), shard_samples
-        group = zarr.open_group(store=_store(target, read_only=False), mode="w-", zarr_format=3)
-        group.attrs.update({
-            "schema_version": SCHEMA_VERSION, **attrs, "shard_samples": s, "complete": False,
-            "versions": _versions(), "created_by": f"rsmtdf {__version__}",
-        })
-        group.create_array("ids", shape=(n,), chunks=(n,), dtype=str, dimension_names=("sample",))[:] = np.array(ids)
-        group.create_array("views", shape=(n, a, 5), chunks=(s, a, 5), dtype="float32", fill_value=np.nan,
-                           dimension_names=("sample", "view", "param"),
-                           attributes={"params": ["scale", "y0", "x0", "hflip", "rot90"]})
-        group.create_array("done", shape=(-(-n // s),), chunks=(1,), dtype="uint8", fill_value=0,
-                           dimension_names=("shard",))
-        dtype = "int8" if attrs["storage"] == "int8" else "float16"
-        for lay in layouts:
-            meaning = {"meaning": f"teacher '{lay.name}' target tokens (row-major grid) for each stored view"}
-            group.create_array(f"teachers/{lay.name}", shape=(n, a, lay.tokens, lay.dim),
-                               chunks=(1, 1, lay.tokens, lay.dim), shards=(s, a, lay.tokens, lay.dim),
-                               dtype=dtype, fill_value=0 if dtype == "int8" else np.nan, compressors=compressor,
-                               dimension_names=DIMS, attributes=meaning)
-            if dtype == "int8":
-                group.create_array(f"scales/{lay.name}", shape=(n, a, lay.tokens), chunks=(1, 1, lay.tokens),
-                                   shards=(s, a, lay.tokens), dtype="float16", fill_value=np.nan,
-                                   dimension_names=DIMS[:3], attributes={"meaning": "per-token int8 scale"})
+        try:
+            cls._create_arrays(target, ids, attrs, layouts, shard_samples, compressor)
+        except BaseException:  # disk full, interrupted: leave no half-made store behind
+            if target != url:
+                shutil.rmtree(target, ignore_errors=True)
+            raise
         if target != url:
             try:
                 os.rename(target, url)
@@ -169,6 +175,41 @@ class FeatureCache:
                     return cls.create(url, ids, attrs, layouts, shard_samples, compressor)
         return cls.open(url, mode="r+")
 
+    @staticmethod
+    def _create_arrays(target: str, ids: list[str], attrs: dict, layouts: list[TeacherLayout], shard_samples: int,
+                       compressor) -> None:
+        compressor = default_compressor() if compressor is None else compressor
+        small = checksummed(ZstdCodec())
+        n, a, s = len(ids), int(attrs["views"]["count"]), shard_samples
+        group = zarr.open_group(store=_store(target, read_only=False), mode="w-", zarr_format=3)
+        group.attrs.update({
+            "schema_version": SCHEMA_VERSION, **attrs, "shard_samples": s, "complete": False,
+            "versions": _versions(), "created_by": f"rsmtdf {__version__}",
+        })
+        group.create_array("ids", shape=(n,), chunks=(n,), dtype=str, compressors=small,
+                           dimension_names=("sample",))[:] = np.array(ids)
+        group.create_array("views", shape=(n, a, 5), chunks=(s, a, 5), dtype="float32", fill_value=np.nan,
+                           compressors=small, dimension_names=("sample", "view", "param"),
+                           attributes={"params": ["scale", "y0", "x0", "hflip", "rot90"]})
+        group.create_array("done", shape=(-(-n // s),), chunks=(1,), dtype="uint8", fill_value=0, compressors=small,
+                           dimension_names=("shard",))
+        dtype = "int8" if attrs["storage"] == "int8" else "float16"
+        for lay in layouts:
+            meaning = {"meaning": f"teacher '{lay.name}' target tokens (row-major grid) for each stored view"}
+            group.create_array(f"teachers/{lay.name}", shape=(n, a, lay.tokens, lay.dim),
+                               chunks=(1, 1, lay.tokens, lay.dim), shards=(s, a, lay.tokens, lay.dim),
+                               dtype=dtype, fill_value=0 if dtype == "int8" else np.nan,
+                               compressors=checksummed(compressor), dimension_names=DIMS, attributes=meaning)
+            if dtype == "int8":
+                group.create_array(f"scales/{lay.name}", shape=(n, a, lay.tokens), chunks=(1, 1, lay.tokens),
+                                   shards=(s, a, lay.tokens), dtype="float16", fill_value=np.nan, compressors=small,
+                                   dimension_names=DIMS[:3], attributes={"meaning": "per-token int8 scale"})
+
+    @staticmethod
+    def exists(url: str | Path) -> bool:
+        """Whether a cache is at `url` (a folder there that is not a cache is refused)."""
+        return _exists(str(url))
+
     @classmethod
     def open(cls, url: str | Path, mode: str = "r") -> FeatureCache:
         url = str(url)
@@ -178,9 +219,12 @@ class FeatureCache:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 group = zarr.open_group(store=_store(url, read_only=mode == "r"), mode=mode)
-            if group.attrs.get("schema_version") != SCHEMA_VERSION:
-                raise RsmtdfError(f"{url}: not an rsmtdf cache of schema {SCHEMA_VERSION} "
-                                  f"(found {group.attrs.get('schema_version')})")
+            found = group.attrs.get("schema_version")
+            if found == 1:
+                raise RsmtdfError(f"{url}: cache of schema 1 (made without chunk checksums); "
+                                  f"re-extract it with `rsmtdf extract-features` into a new --output")
+            if found != SCHEMA_VERSION:
+                raise RsmtdfError(f"{url}: not an rsmtdf cache of schema {SCHEMA_VERSION} (found {found})")
             return cls(url, group)
         except (FileNotFoundError, ValueError, KeyError, zarr.errors.BaseZarrError) as exc:
             raise RsmtdfError(f"{url}: not a readable rsmtdf cache ({type(exc).__name__})") from None
@@ -195,31 +239,68 @@ class FeatureCache:
         return range(k * self.shard_samples, min((k + 1) * self.shard_samples, self.num_samples))
 
     def done_flags(self) -> np.ndarray:
-        return self.group["done"][:].astype(bool)
+        return self._read("done", lambda: self.group["done"][:]).astype(bool)
 
     def missing_shards(self) -> list[int]:
         return [int(k) for k in np.flatnonzero(~self.done_flags())]
 
     def write_shard(self, k: int, views: np.ndarray, targets: dict[str, np.ndarray]) -> int:
-        """Write shard k whole (views and every teacher), then set its done flag. Returns bytes."""
+        """Write shard k whole (views and every teacher), then set its done flag. Returns bytes.
+
+        Every value is checked finite as stored before anything is written: a NaN or an fp16
+        overflow would otherwise be read back as a target (or as an unwritten shard)."""
         r = self.shard_range(k)
         expected = (len(r), self.num_views)
         if views.shape[:2] != expected:
             raise ValueError(f"shard {k}: views {views.shape[:2]} != {expected}")
-        written = 0
-        self.group["views"][r.start : r.stop] = views
+        stored = {}
         for lay in self.layouts:
             x = targets[lay.name]
             if self.attrs["storage"] == "int8":
                 q, scale = quantize_int8(x)
-                self.group[f"teachers/{lay.name}"][r.start : r.stop] = q
-                self.group[f"scales/{lay.name}"][r.start : r.stop] = scale
-                written += q.nbytes + scale.nbytes
+                stored[f"teachers/{lay.name}"], stored[f"scales/{lay.name}"] = q, scale
+                check = scale
             else:
-                self.group[f"teachers/{lay.name}"][r.start : r.stop] = x.astype(np.float16)
-                written += x.size * 2
+                with np.errstate(over="ignore"):  # an overflow becomes inf, which the check names
+                    stored[f"teachers/{lay.name}"] = check = x.astype(np.float16)
+            self._check_finite(lay.name, check, r)
+        self.group["views"][r.start : r.stop] = views
+        for key, value in stored.items():
+            self.group[key][r.start : r.stop] = value
         self.group["done"][k] = 1
-        return written
+        return sum(v.nbytes for v in stored.values())
+
+    def _check_finite(self, teacher: str, x: np.ndarray, r: range) -> None:
+        bad = ~np.isfinite(x.reshape(x.shape[0], x.shape[1], -1)).all(axis=-1)
+        if bad.any():
+            i, a = (int(v) for v in np.argwhere(bad)[0])
+            raise RsmtdfError(f"{self.url}: teacher '{teacher}' gives non-finite features (NaN or beyond float16) "
+                              f"for sample '{self.ids[r.start + i]}' view {a}; nothing of its shard was written "
+                              f"(check the image for NaN or nodata pixels)")
+
+    def shard_arrays(self) -> list[str]:
+        """The arrays whose chunk k (along samples) is shard k, done flag first."""
+        per_teacher = ("teachers", "scales") if self.attrs["storage"] == "int8" else ("teachers",)
+        return ["done", "views", *(f"{p}/{lay.name}" for lay in self.layouts for p in per_teacher)]
+
+    def shard_keys(self, k: int) -> list[str]:
+        """The store keys holding shard k, one per array of `shard_arrays` (a chunk or a shard object)."""
+        keys = []
+        for name in self.shard_arrays():
+            arr = self.group[name]
+            keys.append(f"{arr.path}/{arr.metadata.encode_chunk_key((k,) + (0,) * (arr.ndim - 1))}")
+        return keys
+
+    def drop_shard(self, k: int) -> None:
+        """Delete shard k from every array (done flag first), so it reads as unwritten and is extracted again."""
+        from zarr.core.sync import sync
+
+        for key in self.shard_keys(k):
+            sync(self.group.store.delete(key))
+
+    def rewrite_ids(self, ids: list[str]) -> None:
+        self.group["ids"][:] = np.array(ids)
+        self._ids = list(ids)
 
     def finalize(self) -> None:
         """Check every shard is done, consolidate metadata, mark complete."""
@@ -233,19 +314,34 @@ class FeatureCache:
 
     # ---- reading -------------------------------------------------------------------------
 
+    def _read(self, what: str, fn):
+        """fn() reading array `what`, a decode or checksum failure said as one line."""
+        try:
+            return fn()
+        except Exception as exc:  # noqa: BLE001 - any codec's failure on stored bytes is damage
+            raise RsmtdfError(f"{self.url}: array '{what}' is damaged ({decode_problem(exc)}); "
+                              f"{repair_hint(self.url)}") from None
+
     @property
     def ids(self) -> list[str]:
-        return [str(s) for s in self.group["ids"][:]]
+        if self._ids is None:
+            self._ids = [str(s) for s in self._read("ids", lambda: self.group["ids"][:])]
+        return self._ids
 
     def views_array(self) -> np.ndarray:
-        """(N, A, 5) parameters of every stored view."""
-        return self.group["views"][:]
+        """(N, A, 5) parameters of every stored view; a missing one (NaN) is refused, naming its sample."""
+        views = self._read("views", lambda: self.group["views"][:])
+        if np.isnan(views).any() and self.attrs.get("complete"):
+            i, a = (int(v) for v in np.argwhere(np.isnan(views).any(axis=-1))[0])
+            raise RsmtdfError(f"{self.url}: no stored parameters for sample {i} ('{self.ids[i]}') view {a} "
+                              f"(its chunk was deleted); {repair_hint(self.url)}")
+        return views
 
     def views_of(self, i: int) -> list[View]:
-        return [View.from_array(v) for v in self.group["views"][i]]
+        return [View.from_array(v) for v in self._read("views", lambda: self.group["views"][i])]
 
     def reader(self) -> CacheReader:
-        return CacheReader(self.url, [lay.name for lay in self.layouts], self.attrs["storage"])
+        return CacheReader(self.url, [lay.name for lay in self.layouts], self.attrs["storage"], self.ids)
 
     def bytes_stored(self, name: str) -> int:
         b = self.group[f"teachers/{name}"].nbytes_stored()
@@ -258,32 +354,49 @@ class CacheReader:
     """Targets of (sample, view), read one chunk per teacher; opens the store lazily in each
     DataLoader worker (it pickles as just a URL)."""
 
-    def __init__(self, url: str, teachers: list[str], storage: str) -> None:
-        self.url, self.teachers, self.storage = url, teachers, storage
+    def __init__(self, url: str, teachers: list[str], storage: str, ids: list[str]) -> None:
+        self.url, self.teachers, self.storage, self.ids = url, teachers, storage, ids
         self._group = None
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_group": None}
 
     def read(self, i: int, a: int) -> dict[str, np.ndarray]:
+        """Targets of sample i, view a; damaged or missing chunks end in one line naming them."""
         if self._group is None:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 self._group = zarr.open_group(store=_store(self.url, read_only=True), mode="r")
         out = {}
         for name in self.teachers:
-            x = self._group[f"teachers/{name}"][i, a]
-            if self.storage == "int8":
-                x = x.astype(np.float32) * self._group[f"scales/{name}"][i, a].astype(np.float32)[:, None]
+            where = f"teacher '{name}', sample {i} ('{self.ids[i]}') view {a}"
+            try:
+                x = self._group[f"teachers/{name}"][i, a]
+                if self.storage == "int8":
+                    x = x.astype(np.float32) * self._group[f"scales/{name}"][i, a].astype(np.float32)[:, None]
+            except OSError as exc:  # the store itself failed (network, permissions): not damage
+                raise RsmtdfError(f"{self.url}: cannot read {where} ({exc.strerror or exc})") from None
+            except Exception as exc:  # noqa: BLE001 - any codec's failure on stored bytes is damage
+                raise RsmtdfError(f"{self.url}: damaged chunk of {where} ({decode_problem(exc)}); "
+                                  f"{repair_hint(self.url)}") from None
             x = x.astype(np.float32)
             if np.isnan(x).any():
-                raise RsmtdfError(f"{self.url}: teacher '{name}' has no data for sample {i} view {a} (unwritten shard)")
+                raise RsmtdfError(f"{self.url}: no data for {where} (its shard is unwritten or was deleted); "
+                                  f"{repair_hint(self.url)}")
             out[name] = x
         return out
 
 
+def decode_problem(exc: Exception) -> str:
+    """A decode failure in a few words: zarr's checksum message, or the codec's first line."""
+    text = str(exc).split("\n")[0]
+    if "checksum" in text:
+        return "checksum mismatch"
+    return f"{type(exc).__name__}: {text[:80]}" if text else type(exc).__name__
+
+
 def _exists(url: str) -> bool:
-    if _is_url(url):
+    if is_url(url):
         import fsspec
 
         fs, path = fsspec.core.url_to_fs(url)

@@ -6,7 +6,9 @@ Written to a temporary file and renamed, so a checkpoint is only ever replaced w
 
 from __future__ import annotations
 
+import errno
 import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -17,11 +19,48 @@ FORMAT = "rsmtdf-checkpoint-1"
 
 
 def save_checkpoint(state: dict, path: str | Path) -> None:
+    """Write beside, then rename. A full disk ends in one line; the previous file stays whole.
+
+    torch.save writes through a Python file object, so a failed write is an OSError with its errno
+    (torch may raise a RuntimeError while closing its archive after it; the OSError is its context)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    torch.save({"format": FORMAT, **state}, tmp)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save({"format": FORMAT, **state}, f)
+    except (OSError, RuntimeError) as exc:
+        written = tmp.stat().st_size if tmp.exists() else 0
+        tmp.unlink(missing_ok=True)
+        cause = _os_error(exc)
+        if cause is None:
+            raise
+        if cause.errno != errno.ENOSPC:
+            raise RsmtdfError(f"{path}: cannot write the checkpoint ({cause.strerror})") from None
+        need = sum(t.numel() * t.element_size() for t in _tensors(state))
+        raise RsmtdfError(f"{path}: disk full while saving the checkpoint ({written / 1e6:.1f} MB written, it needs "
+                          f"about {need / 1e6:.1f} MB, {shutil.disk_usage(path.parent).free / 1e6:.1f} MB free); "
+                          f"the previous {path.name} is untouched: free space and continue with --resume") from None
     os.replace(tmp, path)
+
+
+def _os_error(exc: BaseException | None) -> OSError | None:
+    """The OSError behind an exception, following what it was raised while handling."""
+    while exc is not None and not isinstance(exc, OSError):
+        exc = exc.__context__
+    return exc
+
+
+def _tensors(obj):
+    """Every tensor inside nested dicts, lists and tuples (what a checkpoint's size is made of)."""
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            yield from _tensors(v)
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            yield from _tensors(v)
 
 
 def load_checkpoint(path: str | Path, identity: dict | None = None) -> dict:

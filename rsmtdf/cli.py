@@ -90,10 +90,12 @@ def extract_features(
     batch_size: Annotated[int, typer.Option(help="Views per teacher forward pass.")] = 8,
     workers: Annotated[int, typer.Option(help="Loader processes decoding tiles and rendering views.")] = 2,
     device: Annotated[str, typer.Option(help="cpu, cuda, cuda:1, ... [default: cuda if available].")] = "auto",
+    repair: Annotated[bool, typer.Option("--repair", help="Verify this worker's shards and extract the damaged ones again.")] = False,
 ) -> None:
     """Run the frozen teachers once over every training tile and its views; write a Zarr cache.
 
-    Resumable: shards already written are skipped. Several workers own disjoint shards.
+    Resumable: shards already written are skipped. Several workers own disjoint shards. With
+    --repair, shards that fail their checksums are extracted again and the rest left untouched.
 
     Examples:
 
@@ -102,6 +104,8 @@ def extract_features(
       torchrun --nproc-per-node 4 -m rsmtdf.cli extract-features -r pipeline/loveda.toml
 
       rsmtdf extract-features -r pipeline/loveda.toml --teacher-weights clip_vitl14=ViT-L-14.pt -o s3://bucket/loveda
+
+      rsmtdf extract-features -r pipeline/loveda.toml --repair   # after `rsmtdf inspect --verify` found damage
     """
     import torch
 
@@ -116,7 +120,8 @@ def extract_features(
     summary = extract(plan.dataset(), plan.recipe["data"]["splits"], plan.spec(), plan.teachers(), plan.output,
                       shard_samples=shard_samples, shard_index=index, num_shards=count, batch_size=batch_size,
                       num_workers=workers, storage=plan.recipe["teachers"]["storage"], device=device,
-                      bands=tuple(plan.recipe["data"]["bands"]), max_value=plan.recipe["data"]["max_value"])
+                      bands=tuple(plan.recipe["data"]["bands"]), max_value=plan.recipe["data"]["max_value"],
+                      repair=repair)
     typer.echo(summary.line())
 
 
@@ -125,6 +130,7 @@ def inspect_cache(
     path: Annotated[Optional[str], typer.Argument(help="Cache path or URL.")] = None,
     estimate: Annotated[bool, typer.Option("--estimate", help="Predict the size of a cache before extracting it.")] = False,
     probe: Annotated[int, typer.Option(help="With --estimate: samples to run the teachers on to measure compression.")] = 4,
+    verify: Annotated[bool, typer.Option("--verify", help="Read every chunk, check its checksum, list damaged shards.")] = False,
     recipe: Recipe = None, root: Root = None, teacher: Teachers = None, teacher_weights: TeacherWeights = None,
     views: Views = None, crop_size: Crop = None, storage: Storage = None,
 ) -> None:
@@ -135,6 +141,8 @@ def inspect_cache(
       rsmtdf inspect cache/loveda
 
       rsmtdf inspect --estimate -r pipeline/loveda.toml --root /data/LoveDA --views 8
+
+      rsmtdf inspect --verify cache/loveda   # non-zero exit when a shard is damaged
     """
     from .report import estimate_size, format_cache
 
@@ -146,6 +154,16 @@ def inspect_cache(
         raise RsmtdfError("inspect: give a cache PATH, or --estimate with extraction options")
     from .cache import FeatureCache
 
+    if verify:
+        from .verify import verify_cache
+
+        report = verify_cache(FeatureCache.open(path))
+        for line in report.lines():
+            typer.echo(line)
+        if problem := report.problem():
+            raise RsmtdfError(problem)
+        typer.echo(report.summary())
+        return
     typer.echo(format_cache(FeatureCache.open(path)))
 
 
@@ -407,6 +425,10 @@ def main() -> None:
     try:
         app()
     except RsmtdfError as exc:
+        from tqdm import tqdm
+
+        for bar in list(tqdm._instances):  # end any progress bar's line, so the error has its own
+            bar.close()
         typer.echo(f"error: {exc}", err=True)
         sys.exit(2)
 

@@ -1,16 +1,26 @@
 """Stage one: run the frozen teachers once over every training sample and its A views, into the cache.
 
 Data flows one way: dataset → views → teachers → cache. Loader workers decode tiles and render
-views; the main thread runs the teachers in fixed batches inside each shard (so a shard's values do
-not depend on which worker or run wrote it); a writer thread compresses and writes whole shards
-while the teachers work on the next one.
+views; the main thread runs the teachers in fixed batches inside each shard; a writer thread
+compresses and writes whole shards while the teachers work on the next one.
+
+Exactness: torch's results change with its intra-op thread count (resampling and convolutions split
+their work differently), and with the batch a crop is in. So every op runs on one intra-op thread
+(loader workers already do), CPU parallelism comes from running the fixed batches of a shard in a
+thread pool instead, and the batch size and device type are recorded in the cache: a shard's values
+do not depend on `--workers`, the thread count or the machine's core count, and a resume with
+another batch size or device is refused.
 """
 
 from __future__ import annotations
 
+import errno
+import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -18,7 +28,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from . import splits as splits_mod
-from .cache import FeatureCache, TeacherLayout, expected_attrs, ids_sha256
+from .cache import FeatureCache, TeacherLayout, is_url, expected_attrs, ids_sha256, raw_bytes_per_sample
 from .data import SegmentationDataset, to_unit_rgb
 from .errors import RsmtdfError
 from .teachers import Teacher
@@ -36,11 +46,15 @@ class ExtractSummary:
     shards_done: int
     shards_skipped: int
     missing: list[int]
+    repaired: list[int] | None = None
+    repaired_ids: bool = False
 
     def line(self) -> str:
         rate = self.samples / self.seconds if self.seconds > 0 else 0.0
         state = "complete" if not self.missing else f"incomplete: {len(self.missing)} shards left to other workers"
-        return (f"extracted {self.samples} samples × {self.views} views in {self.seconds:.1f} s "
+        ids = "the ids array and " if self.repaired_ids else ""
+        repaired = "" if self.repaired is None else f"repaired {ids}{len(self.repaired)} damaged shards {self.repaired[:20]}; "
+        return (f"{repaired}extracted {self.samples} samples × {self.views} views in {self.seconds:.1f} s "
                 f"({rate:.2f} samples/s), wrote {self.bytes_written / 1e6:.1f} MB; shards done {self.shards_done}, "
                 f"skipped {self.shards_skipped}; cache {state}")
 
@@ -65,7 +79,20 @@ class ViewSource(Dataset):
         views = self.spec.sample(sample.id, h, w)
         rgb = to_unit_rgb(sample.image, self.bands, self.max_value)
         params = np.stack([v.to_array() for v in views])
-        return j, params, torch.from_numpy(render_views(rgb, views, self.spec.crop_size))
+        with one_thread_per_op():  # a worker already runs one; the main process (--workers 0) must too
+            crops = render_views(rgb, views, self.spec.crop_size)
+        return j, params, torch.from_numpy(crops)
+
+
+@contextmanager
+def one_thread_per_op():
+    """Run torch ops on one intra-op thread (and restore the count after)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def dataset_attrs(dataset: SegmentationDataset, ids: list[str]) -> dict:
@@ -99,7 +126,8 @@ def view_table(dataset: SegmentationDataset, splits_dir: str, spec: ViewSpec, te
 
 
 def auto_shard_samples(spec: ViewSpec, teachers: list[Teacher], storage: str) -> int:
-    per_sample = spec.count * sum(t.num_tokens * t.dim for t in teachers) * (1 if storage == "int8" else 2)
+    layouts = [TeacherLayout(t.name, t.num_tokens, t.dim) for t in teachers]
+    per_sample = raw_bytes_per_sample(layouts, spec.count, storage)
     return max(1, int(SHARD_BYTES // per_sample))
 
 
@@ -107,8 +135,11 @@ def extract(dataset: SegmentationDataset, splits_dir: str, spec: ViewSpec, teach
             *, shard_samples: int | None = None, shard_index: int = 0, num_shards: int = 1, batch_size: int = 8,
             num_workers: int = 2, storage: str = "float16", device: str = "cpu",
             bands: tuple[int, int, int] = (0, 1, 2), max_value: float | None = None,
-            progress: bool = True) -> ExtractSummary:
-    """Extract this worker's shards (every `num_shards`-th from `shard_index`), resumably."""
+            progress: bool = True, repair: bool = False) -> ExtractSummary:
+    """Extract this worker's shards (every `num_shards`-th from `shard_index`), resumably. With
+    `repair`, first verify those shards and drop the damaged ones, so exactly they are extracted again.
+
+    A full disk ends in one line saying what the shards still to write need."""
     if not 0 <= shard_index < num_shards:
         raise RsmtdfError(f"--shard-index {shard_index} is outside 0..{num_shards - 1}")
     ids = dataset.ids_in("train")
@@ -118,8 +149,54 @@ def extract(dataset: SegmentationDataset, splits_dir: str, spec: ViewSpec, teach
                            [t.spec() for t in teachers], storage)
     layouts = [TeacherLayout(t.name, t.num_tokens, t.dim) for t in teachers]
     shard_samples = shard_samples or auto_shard_samples(spec, teachers, storage)
-    cache = FeatureCache.create(output, ids, attrs, layouts, shard_samples)
-    owned = [k for k in range(cache.num_shards) if k % num_shards == shard_index]
+    owned = [k for k in range(-(-len(ids) // shard_samples)) if k % num_shards == shard_index]
+    if repair and not FeatureCache.exists(output):
+        raise RsmtdfError(f"{output}: no cache here to repair (extract it without --repair)")
+    try:
+        cache = FeatureCache.create(output, ids, {**attrs, "compute": _compute(device, batch_size)}, layouts,
+                                    shard_samples)
+        _check_compute(cache, _compute(device, batch_size))
+        repaired, repaired_ids = _drop_damaged(cache, owned, ids, progress) if repair else (None, False)
+        summary = _extract_shards(cache, dataset, ids, spec, teachers, owned, batch_size, num_workers, device, bands,
+                                  max_value, progress)
+    except OSError as exc:
+        if exc.errno != errno.ENOSPC:
+            raise
+        raise RsmtdfError(_disk_full(output, layouts, spec.count, storage, owned, shard_samples, len(ids))) from None
+    summary.repaired, summary.repaired_ids = repaired, repaired_ids
+    return summary
+
+
+def _compute(device: str, batch_size: int) -> dict:
+    """What, besides the inputs, decides a shard's values (see the module docstring)."""
+    return {"device": torch.device(device).type, "batch_size": batch_size}
+
+
+def _check_compute(cache: FeatureCache, compute: dict) -> None:
+    found = cache.attrs.get("compute")
+    if found != compute:
+        raise RsmtdfError(f"{cache.url}: its shards were extracted with --batch-size {found['batch_size']} on "
+                          f"{found['device']}; this run uses --batch-size {compute['batch_size']} on "
+                          f"{compute['device']}, which gives other float16 values: resume with the same settings, "
+                          f"or choose another --output")
+
+
+def _drop_damaged(cache: FeatureCache, owned: list[int], ids: list[str], progress: bool) -> tuple[list[int], bool]:
+    """Verify this worker's shards; rewrite damaged ids, drop damaged shards (to extract again).
+    Returns (dropped shards, whether the ids were rewritten)."""
+    from .verify import verify_cache
+
+    report = verify_cache(cache, owned, progress=progress)
+    if report.ids_damaged:
+        cache.rewrite_ids(ids)
+    for k in report.damaged_shards:
+        cache.drop_shard(k)
+    return report.damaged_shards, bool(report.ids_damaged)
+
+
+def _extract_shards(cache: FeatureCache, dataset: SegmentationDataset, ids: list[str], spec: ViewSpec,
+                    teachers: list[Teacher], owned: list[int], batch_size: int, num_workers: int, device: str,
+                    bands: tuple[int, int, int], max_value: float | None, progress: bool) -> ExtractSummary:
     done = cache.done_flags()
     todo = [k for k in owned if not done[k]]
     order = [i for k in todo for i in cache.shard_range(k)]
@@ -129,7 +206,7 @@ def extract(dataset: SegmentationDataset, splits_dir: str, spec: ViewSpec, teach
     loader = DataLoader(source, batch_size=None, num_workers=num_workers, prefetch_factor=4 if num_workers else None,
                         persistent_workers=False)
     start, written, pending = time.perf_counter(), 0, None
-    bar = tqdm(total=len(order), unit="sample", desc=f"extract {output}", disable=not progress, dynamic_ncols=True)
+    bar = tqdm(total=len(order), unit="sample", desc=f"extract {cache.url}", disable=not progress, dynamic_ncols=True)
     items = iter(loader)
     try:  # close the bar even on an error, so the error line comes after it
         with ThreadPoolExecutor(max_workers=1) as writer:
@@ -159,11 +236,43 @@ def extract(dataset: SegmentationDataset, splits_dir: str, spec: ViewSpec, teach
                           len(owned) - len(todo), missing)
 
 
+def _disk_full(output: str, layouts: list[TeacherLayout], views: int, storage: str, owned: list[int],
+               shard_samples: int, n: int) -> str:
+    """The disk-full line: this worker's shards still to write and their size, at the compression
+    measured on the shards already on disk (or uncompressed when there are none yet)."""
+    from .report import _bytes
+
+    def size(k: int) -> int:
+        return min((k + 1) * shard_samples, n) - k * shard_samples
+
+    per_sample, basis, left = raw_bytes_per_sample(layouts, views, storage), "uncompressed, an upper bound", owned
+    if FeatureCache.exists(output):
+        cache = FeatureCache.open(output)
+        done = cache.done_flags()
+        left = [k for k in owned if not done[k]]
+        written = sum(size(int(k)) for k in np.flatnonzero(done))
+        if written:
+            per_sample = sum(cache.bytes_stored(lay.name) for lay in layouts) / written
+            basis = f"at the compression of the {int(done.sum())} shards written"
+    free = "" if is_url(output) else \
+        f", {_bytes(shutil.disk_usage(Path(output).resolve().parent).free)} free"
+    samples = sum(size(k) for k in left)
+    return (f"{output}: disk full (no space left on device) with {len(left)} shards ({samples} samples) still to "
+            f"write; they need about {_bytes(per_sample * samples)} ({basis}){free}; free space and re-run the same "
+            f"command: the shards written are kept")
+
+
 def _run_teachers(teachers: list[Teacher], crops: torch.Tensor, batch_size: int, device: str,
                   n: int, a: int) -> dict[str, np.ndarray]:
-    """Targets of one shard's (sample, view) crops, in fixed batches: (n, a, L, C) float32 each."""
+    """Targets of one shard's (sample, view) crops, in fixed batches: (n, a, L, C) float32 each.
+
+    Each batch runs on one intra-op thread; on a CPU the batches run side by side in a thread pool
+    as wide as torch's thread count, so the values do not depend on that count."""
     out = {}
-    for t in teachers:
-        parts = [t.targets(crops[b : b + batch_size].to(device)).float().cpu() for b in range(0, len(crops), batch_size)]
-        out[t.name] = torch.cat(parts).reshape(n, a, t.num_tokens, t.dim).numpy()
+    width = torch.get_num_threads() if torch.device(device).type == "cpu" else 1
+    with one_thread_per_op(), ThreadPoolExecutor(width) as pool:
+        for t in teachers:
+            batches = [crops[b : b + batch_size].to(device) for b in range(0, len(crops), batch_size)]
+            parts = pool.map(lambda x, t=t: t.targets(x).float().cpu(), batches)
+            out[t.name] = torch.cat(list(parts)).reshape(n, a, t.num_tokens, t.dim).numpy()
     return out

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .cache import FeatureCache
+from .cache import FeatureCache, TeacherLayout, raw_bytes_per_sample
 
 
 def _bytes(n: float) -> str:
@@ -64,9 +64,8 @@ def estimate_size(plan, probe: int = 4) -> str:
     spec, teachers = plan.spec(), plan.teachers()
     n = len(dataset.ids_in("train"))
     storage = plan.recipe["teachers"]["storage"]
-    per_value = 1 if storage == "int8" else 2
-    per_sample_raw = spec.count * sum(t.num_tokens * (t.dim * per_value + (2 if storage == "int8" else 0))
-                                      for t in teachers)
+    per_sample_raw = raw_bytes_per_sample([TeacherLayout(t.name, t.num_tokens, t.dim) for t in teachers], spec.count,
+                                          storage)
     k = max(1, min(probe, n))
     ids = dataset.ids_in("train")
     subset = dataset.subset([ids[int(j)] for j in np.linspace(0, n - 1, k).round()])  # spread over domains

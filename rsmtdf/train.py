@@ -35,7 +35,7 @@ from . import splits as splits_mod
 from .cache import CacheReader, FeatureCache, mismatch
 from .checkpoint import load_checkpoint, save_checkpoint
 from .data import SegmentationDataset, open_dataset, to_unit_rgb
-from .errors import RsmtdfError
+from .errors import RsmtdfError, worker_errors_as_lines
 from .evaluate import evaluate
 from .extract import view_table
 from .model import Student, TeacherSlot
@@ -393,7 +393,7 @@ class Trainer:
     def _batches(self, epoch: int, start: int):
         for sampler in self.samplers.values():
             sampler.epoch, sampler.start = epoch, start * self.batch
-        for bl, bu in zip(self.loaders["l"], self.loaders["u"]):
+        for bl, bu in zip(worker_errors_as_lines(self.loaders["l"]), worker_errors_as_lines(self.loaders["u"])):
             dev = self.device
             yield StepInputs(
                 bl["image"].to(dev), bl["mask"].long().to(dev), bu["image"].to(dev), bu["strong"].to(dev),
