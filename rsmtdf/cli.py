@@ -127,12 +127,20 @@ def inspect_cache(
     probe: Annotated[int, typer.Option(help="With --estimate: samples to run the teachers on to measure compression.")] = 4,
     recipe: Recipe = None, root: Root = None, teacher: Teachers = None, teacher_weights: TeacherWeights = None,
     views: Views = None, crop_size: Crop = None, storage: Storage = None,
+    stats: Annotated[bool, typer.Option("--stats", help="Feature statistics, cross-view consistency and teacher "
+                                        "agreement, printed and written as JSON beside the cache.")] = False,
+    samples: Annotated[Optional[int], typer.Option(help="With --stats: a random subset of this many samples.")] = None,
+    seed: Annotated[int, typer.Option(help="With --stats: seed of the subset and of the random baselines.")] = 0,
+    stats_out: Annotated[Optional[Path], typer.Option(help="With --stats: the JSON to write [default: "
+                                                      "<cache>.stats.json beside it; for a URL, in this folder].")] = None,
 ) -> None:
     """Print what a cache holds: dataset, teachers (shape, bytes on disk, compression), completeness.
 
     Examples:
 
       rsmtdf inspect cache/loveda
+
+      rsmtdf inspect cache/loveda --stats --samples 200
 
       rsmtdf inspect --estimate -r pipeline/loveda.toml --root /data/LoveDA --views 8
     """
@@ -144,9 +152,22 @@ def inspect_cache(
         return
     if path is None:
         raise RsmtdfError("inspect: give a cache PATH, or --estimate with extraction options")
+    if (samples is not None or stats_out is not None) and not stats:
+        raise RsmtdfError("--samples/--stats-out: only with --stats")
+    if samples is not None and samples < 1:
+        raise RsmtdfError(f"--samples {samples}: give at least 1")
     from .cache import FeatureCache
 
-    typer.echo(format_cache(FeatureCache.open(path)))
+    cache = FeatureCache.open(path)
+    typer.echo(format_cache(cache))
+    if stats:
+        from .inspect.stats import cache_dataset, compute_stats, default_output, format_stats, write_json
+
+        result = compute_stats(cache, cache_dataset(cache), samples, seed)
+        out = write_json(result, stats_out or default_output(cache.url))
+        typer.echo("\n" + format_stats(result, red=lambda s: typer.style(s, fg="red", bold=True)))
+        typer.echo(f"inspected {result['samples']} samples × {result['views']} views in {result['seconds']:.1f} s; "
+                   f"wrote {out}")
 
 
 @app.command("show")

@@ -87,16 +87,16 @@ def _architecture(t: dict):
 
 
 def _receptive_field(teacher, t: dict, size: int, grid: int) -> TokenGrid | None:
-    """Measure a CNN's token centres as the centres of two interior tokens' receptive fields.
+    """Measure a CNN's token centres: the centre of an interior token's receptive field.
 
     With every conv weight positive, biases zero and a tiny input the network is linear and
-    positive, so a token's input gradient is its whole receptive field, symmetric about its centre.
-    The probe input is the teacher's size plus a multiple of the stride (same padding at every
-    layer) large enough that the probed receptive fields touch no border.
+    positive, so a token's input gradient covers its whole receptive field, symmetric about its
+    centre. The probe input is the teacher's size plus a multiple of the stride (the same padding
+    at every layer), grown until the receptive field touches no border.
     """
     import torch
 
-    model = teacher.model.double().eval()
+    model = teacher.model.eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
             if p.ndim == 4:
@@ -107,25 +107,23 @@ def _receptive_field(teacher, t: dict, size: int, grid: int) -> TokenGrid | None
             if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
                 m.running_mean.zero_()
                 m.running_var.fill_(1.0)
-    step = round(size / grid)
-    probe = size + 32 * step
-    x = torch.full((1, 3, probe, probe), 1e-3, dtype=torch.float64, requires_grad=True)
-    index = teacher._layer_index()
-    centres = []
-    for j in (probe // step // 2, probe // step // 2 + 1):
-        x.grad = None
-        feat = model.forward_intermediates(x, indices=[index], intermediates_only=True)[0]
-        if feat.shape[-1] != grid + 32:
+    step = size // grid
+    if step * grid != size:
+        return None
+    for k in (8, 16, 32, 64):
+        probe = size + k * step
+        x = torch.full((1, 3, probe, probe), 1e-3, requires_grad=True)
+        feat = model.forward_intermediates(x, indices=[teacher._layer_index()], intermediates_only=True)[0]
+        if feat.shape[-1] != grid + k:
             return None
+        j = feat.shape[-1] // 2
         feat[0, :, j, j].sum().backward()
-        w = x.grad[0].abs().sum(dim=(0, 1)).numpy()  # weight per input column
-        support = np.flatnonzero(w)
-        if len(support) == 0 or support[0] == 0 or support[-1] == probe - 1:
-            return None
-        centres.append(float((w * np.arange(probe)).sum() / w.sum()))
-    stride = centres[1] - centres[0]
-    j0 = probe // step // 2
-    return TokenGrid(size, grid, round(stride, 6), round(centres[0] - j0 * stride, 6), "receptive field")
+        w = x.grad[0].abs().sum(dim=(0, 1)).double().numpy()  # weight per input column
+        support = np.flatnonzero(w > w.max() * 1e-9)
+        if len(support) and 0 < support[0] and support[-1] < probe - 1:
+            centre = float((w * np.arange(probe)).sum() / w.sum())
+            return TokenGrid(size, grid, float(step), round(centre - j * step, 3), "receptive field")
+    return None
 
 
 # ---- input ↔ crop ↔ sample -----------------------------------------------------------------------
