@@ -173,30 +173,37 @@ def inspect_cache(
 @app.command("show")
 def show(
     path: Annotated[str, typer.Argument(help="Cache path or URL.")],
-    sample: Annotated[str, typer.Option("--sample", help="Sample id (see the cache's ids).")],
-    out: Annotated[Optional[Path], typer.Option("--out", help="PNG to write [default: <sample>.png].")] = None,
+    sample: Annotated[Optional[str], typer.Option("--sample", help="Sample id (see the cache's ids).")] = None,
+    index: Annotated[Optional[int], typer.Option("--index", help="Sample by its position in the cache (0-based).")] = None,
+    random: Annotated[Optional[int], typer.Option("--random", help="This many samples drawn at random (--seed).")] = None,
+    seed: Annotated[int, typer.Option(help="With --random: seed of the draw.")] = 0,
+    out: Annotated[Optional[Path], typer.Option("--out", help="PNG to write [default: <sample>.png]; with --random, "
+                                                "a folder [default: this one].")] = None,
 ) -> None:
     """Write a PNG of a sample's stored views beside a PCA-to-RGB picture of each teacher's features.
 
-    Example:
+    Examples:
 
       rsmtdf show cache/loveda --sample Train/Rural/0_1 --out rural0.png
+
+      rsmtdf show cache/loveda --index 0
+
+      rsmtdf show cache/loveda --random 5 --out pictures/
     """
     from .cache import FeatureCache
-    from .data import open_dataset
-    from .show import render_sample
+    from .inspect.stats import cache_dataset
+    from .show import choose_samples, render_sample
 
+    if sum(x is not None for x in (sample, index, random)) != 1:
+        raise RsmtdfError("show: give exactly one of --sample ID, --index I, --random N")
     cache = FeatureCache.open(path)
-    ds = cache.attrs["dataset"]
-    try:
-        dataset = open_dataset(ds["name"], ds["root"], ds["classes"])
-    except RsmtdfError:
-        dataset = None  # the dataset moved: show the features alone
-    out = out or Path(sample.replace("/", "_") + ".png")
-    render_sample(cache, sample, out, dataset)
-    typer.echo(f"wrote {out}")
-
-
+    ids = choose_samples(cache, sample, index, random, seed)
+    dataset = cache_dataset(cache)  # None if the dataset moved: the features alone
+    for sid in ids:
+        name = Path(sid.replace("/", "_") + ".png")
+        target = (out or Path(".")) / name if random is not None else out or name
+        render_sample(cache, sid, target, dataset)
+        typer.echo(f"wrote {target}")
 @app.command("make-splits")
 def make_splits_cmd(
     recipe: Recipe = None, root: Root = None,

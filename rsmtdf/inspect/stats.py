@@ -51,31 +51,37 @@ class FeatureStats:
 
     def __init__(self, dim: int, storage: str, rng: np.random.Generator) -> None:
         self.storage, self.rng = storage, rng
-        self.tokens = self.chunks = self.nan_chunks = 0
-        self.zeros = self.saturated = 0
+        self.tokens = self.chunks = self.nan_chunks = self.nonfinite = 0
+        self.values = self.zeros = self.saturated = 0
         self.norm_min, self.norm_max = math.inf, -math.inf
-        self.norms, self.keys = np.empty(0, np.float32), np.empty(0)
+        self.norms, self.keys = np.empty(0), np.empty(0)
         self.mean, self.m2 = np.zeros(dim), np.zeros(dim)
         self.cov_n, self.cov_sum, self.cov_outer = 0, np.zeros(dim), np.zeros((dim, dim))
 
     def add(self, x: np.ndarray) -> None:
-        """x: (L, C) float32 tokens of one (sample, view)."""
-        n = len(x)
+        """x: (L, C) float32 tokens of one (sample, view). Tokens holding ±inf (fp16 overflow) count
+        as saturated and non-finite, and stay out of the norms, moments and spectrum."""
         self.chunks += 1
+        self.values += x.size
         self.zeros += int((x == 0).sum())
         if self.storage == "int8":  # the per-token scale puts each token's largest channel at ±127
             top = np.abs(x).max(axis=1, keepdims=True)
             self.saturated += int(((np.abs(x) >= top * (1 - 0.5 / 127)) & (top > 0)).sum())
         else:
             self.saturated += int((np.abs(x) >= FP16_MAX).sum())
-        norms = np.linalg.norm(x.astype(np.float64), axis=1).astype(np.float32)
+        finite = np.isfinite(x).all(axis=1)
+        self.nonfinite += int((~finite).sum())
+        x64 = x[finite].astype(np.float64)
+        n = len(x64)
+        if n == 0:
+            return
+        norms = np.linalg.norm(x64, axis=1)
         self.norm_min, self.norm_max = min(self.norm_min, float(norms.min())), max(self.norm_max, float(norms.max()))
         self.norms = np.concatenate([self.norms, norms])
         self.keys = np.concatenate([self.keys, self.rng.random(n)])
         if len(self.norms) > 2 * NORMS_KEPT:  # keep the smallest random keys: a uniform subset
             keep = np.argpartition(self.keys, NORMS_KEPT)[:NORMS_KEPT]
             self.norms, self.keys = self.norms[keep], self.keys[keep]
-        x64 = x.astype(np.float64)
         total = self.tokens + n  # Chan et al.: merge the chunk's mean and M2 into the running ones
         delta = x64.mean(axis=0) - self.mean
         self.m2 += ((x64 - x64.mean(axis=0)) ** 2).sum(axis=0) + delta**2 * self.tokens * n / total
@@ -87,11 +93,11 @@ class FeatureStats:
         self.cov_outer += sub.T @ sub
 
     def result(self) -> dict:
-        values = self.tokens * len(self.mean)
-        out = {"tokens": self.tokens, "chunks": self.chunks, "nan_chunks": self.nan_chunks}
+        out = {"tokens": self.tokens, "nonfinite_tokens": self.nonfinite, "chunks": self.chunks,
+               "nan_chunks": self.nan_chunks}
         if not self.tokens:
             return out
-        norms = self.norms.astype(np.float64)
+        norms, values = self.norms, self.values
         mu = self.cov_sum / self.cov_n
         eig = np.clip(np.linalg.eigvalsh(self.cov_outer / self.cov_n - np.outer(mu, mu))[::-1], 0, None)
         explained = np.cumsum(eig) / eig.sum() if eig.sum() > 0 else np.ones_like(eig)
@@ -119,7 +125,9 @@ class Cosines:
         if not len(a):
             return
         na, nb = np.linalg.norm(a, axis=1), np.linalg.norm(b, axis=1)
-        c = (a * b).sum(axis=1) / np.maximum(na * nb, 1e-12)
+        with np.errstate(invalid="ignore", over="ignore"):
+            c = (a * b).sum(axis=1) / np.maximum(na * nb, 1e-12)
+        c = c[np.isfinite(c)]
         self.n += len(c)
         self.total += float(c.sum())
         self.total_sq += float((c.astype(np.float64) ** 2).sum())
@@ -178,6 +186,8 @@ class Agreement:
         if not self.x:
             return {"cka": None, "positions": 0}
         x, y = np.concatenate(self.x).astype(np.float64), np.concatenate(self.y).astype(np.float64)
+        finite = np.isfinite(x).all(axis=1) & np.isfinite(y).all(axis=1)
+        x, y = x[finite], y[finite]
         return {"cka": linear_cka(x, y), "positions": len(x)}
 
 
@@ -200,7 +210,7 @@ class Separation:
         s, on = tokens_on_sample(self.grid, view, self.crop, hw)
         yx = np.clip(np.rint(s).astype(np.int64), 0, np.array(hw) - 1)
         label = np.where(on, mask[yx[:, 0], yx[:, 1]], IGNORE)
-        keep = label != IGNORE
+        keep = (label != IGNORE) & np.isfinite(x).all(axis=1)
         x, label = x[keep].astype(np.float64), label[keep].astype(np.int64)
         self.n += np.bincount(label, minlength=len(self.classes))
         np.add.at(self.sum, label, x)
