@@ -204,6 +204,35 @@ def show(
         target = (out or Path(".")) / name if random is not None else out or name
         render_sample(cache, sid, target, dataset)
         typer.echo(f"wrote {target}")
+@app.command("report")
+def report(
+    path: Annotated[str, typer.Argument(help="Cache path or URL.")],
+    out: Annotated[Path, typer.Option("--output", "-o", help="Folder for index.html and its PNGs (replaced whole "
+                                      "if it holds an earlier report).")] = Path("report"),
+    gallery: Annotated[int, typer.Option(help="Samples in the gallery.")] = 6,
+    samples: Annotated[Optional[int], typer.Option(help="Statistics over a random subset of this many samples.")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the gallery, the subset and the random baselines.")] = 0,
+) -> None:
+    """Write a static HTML report of a cache: summary, statistics as figures, a gallery of views with
+    their teachers' PCA pictures and masks. Opens from disk, offline.
+
+    Example:
+
+      rsmtdf report cache/loveda -o report/ --gallery 8 --samples 500
+    """
+    from .cache import FeatureCache
+    from .inspect.html import check_target, write_report
+    from .inspect.stats import cache_dataset
+
+    if gallery < 0 or (samples is not None and samples < 1):
+        raise RsmtdfError(f"--gallery {gallery} --samples {samples}: give a gallery of 0 or more and at least 1 sample")
+    check_target(out)
+    cache = FeatureCache.open(path)
+    done = write_report(cache, cache_dataset(cache), out, gallery, samples, seed)
+    typer.echo(f"report of {done['samples']} samples, gallery of {gallery} ({done['gallery']} views), "
+               f"{done['images']} images: open {out / 'index.html'}")
+
+
 @app.command("make-splits")
 def make_splits_cmd(
     recipe: Recipe = None, root: Root = None,

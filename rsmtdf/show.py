@@ -66,7 +66,7 @@ def choose_samples(cache: FeatureCache, sample_id: str | None = None, index: int
     return [ids[k] for k in sorted(picked)]
 
 
-def _view_images(cache: FeatureCache, i: int, sample_id: str, dataset: SegmentationDataset | None,
+def view_images(cache: FeatureCache, i: int, sample_id: str, dataset: SegmentationDataset | None,
                  cell: int) -> list[Image.Image]:
     """Each stored view's crop from the dataset, at cell×cell; grey if the pixels cannot be had."""
     views = cache.views_of(i)
@@ -93,7 +93,7 @@ def render_sample(cache: FeatureCache, sample_id: str, out: str | Path, dataset:
     Returns the layout: {"size": (W, H), "panels": {teacher: {"grid": g, "factor": f, "boxes": [(x0, y0) per view]}},
     "image_boxes": [(x0, y0) per view]}."""
     i = _sample_index(cache, sample_id)
-    images = _view_images(cache, i, sample_id, dataset, cell)
+    images = view_images(cache, i, sample_id, dataset, cell)
     reader = cache.reader()
     feats = [reader.read(i, a) for a in range(len(images))]
     grids = {t["name"]: int(t["grid"]) for t in cache.attrs["teachers"]}

@@ -106,6 +106,7 @@ class FeatureStats:
             **out,
             "norm": {"min": self.norm_min, **{f"p{q}": float(np.percentile(norms, q)) for q in PERCENTILES},
                      "max": self.norm_max, "mean": float(norms.mean())},
+            "norm_hist": dict(zip(("counts", "edges"), (v.tolist() for v in np.histogram(norms, 60)))),
             "channel_mean": self.mean.tolist(), "channel_var": var.tolist(),
             "fraction": {"zero": self.zeros / values, "saturated": self.saturated / values,
                          "nan_chunks": self.nan_chunks / (self.chunks + self.nan_chunks)},
