@@ -59,7 +59,7 @@ def test_sample_to_tokens_inverts_tokens_to_sample(view: View) -> None:
     s, on = tokens_on_sample(grid, view, CROP, (H, W))
     index, covered = tokens_at(grid, view, CROP, (H, W), s)
     assert (covered == on).all() and (index[on] == np.flatnonzero(on)).all()
-    q, inside = sample_to_crop(np.array([[-40.0, -40.0], [H + 40.0, W + 40.0]]), view, CROP, (H, W))
+    _, inside = sample_to_crop(np.array([[-40.0, -40.0], [H + 40.0, W + 40.0]]), view, CROP, (H, W))
     assert not inside.any()
 
 
