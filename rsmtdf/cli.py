@@ -133,12 +133,20 @@ def inspect_cache(
     verify: Annotated[bool, typer.Option("--verify", help="Read every chunk, check its checksum, list damaged shards.")] = False,
     recipe: Recipe = None, root: Root = None, teacher: Teachers = None, teacher_weights: TeacherWeights = None,
     views: Views = None, crop_size: Crop = None, storage: Storage = None,
+    stats: Annotated[bool, typer.Option("--stats", help="Feature statistics, cross-view consistency and teacher "
+                                        "agreement, printed and written as JSON beside the cache.")] = False,
+    samples: Annotated[Optional[int], typer.Option(help="With --stats: a random subset of this many samples.")] = None,
+    seed: Annotated[int, typer.Option(help="With --stats: seed of the subset and of the random baselines.")] = 0,
+    stats_out: Annotated[Optional[Path], typer.Option(help="With --stats: the JSON to write [default: "
+                                                      "<cache>.stats.json beside it; for a URL, in this folder].")] = None,
 ) -> None:
     """Print what a cache holds: dataset, teachers (shape, bytes on disk, compression), completeness.
 
     Examples:
 
       rsmtdf inspect cache/loveda
+
+      rsmtdf inspect cache/loveda --stats --samples 200
 
       rsmtdf inspect --estimate -r pipeline/loveda.toml --root /data/LoveDA --views 8
 
@@ -152,46 +160,95 @@ def inspect_cache(
         return
     if path is None:
         raise RsmtdfError("inspect: give a cache PATH, or --estimate with extraction options")
+    if (samples is not None or stats_out is not None) and not stats:
+        raise RsmtdfError("--samples/--stats-out: only with --stats")
+    if samples is not None and samples < 1:
+        raise RsmtdfError(f"--samples {samples}: give at least 1")
     from .cache import FeatureCache
 
+    cache = FeatureCache.open(path)
     if verify:
         from .verify import verify_cache
 
-        report = verify_cache(FeatureCache.open(path))
+        report = verify_cache(cache)
         for line in report.lines():
             typer.echo(line)
         if problem := report.problem():
             raise RsmtdfError(problem)
         typer.echo(report.summary())
         return
-    typer.echo(format_cache(FeatureCache.open(path)))
+    typer.echo(format_cache(cache))
+    if stats:
+        from .inspect.stats import cache_dataset, compute_stats, default_output, format_stats, write_json
+
+        result = compute_stats(cache, cache_dataset(cache), samples, seed)
+        out = write_json(result, stats_out or default_output(cache.url))
+        typer.echo("\n" + format_stats(result, red=lambda s: typer.style(s, fg="red", bold=True)))
+        typer.echo(f"inspected {result['samples']} samples × {result['views']} views in {result['seconds']:.1f} s; "
+                   f"wrote {out}")
 
 
 @app.command("show")
 def show(
     path: Annotated[str, typer.Argument(help="Cache path or URL.")],
-    sample: Annotated[str, typer.Option("--sample", help="Sample id (see the cache's ids).")],
-    out: Annotated[Optional[Path], typer.Option("--out", help="PNG to write [default: <sample>.png].")] = None,
+    sample: Annotated[Optional[str], typer.Option("--sample", help="Sample id (see the cache's ids).")] = None,
+    index: Annotated[Optional[int], typer.Option("--index", help="Sample by its position in the cache (0-based).")] = None,
+    random: Annotated[Optional[int], typer.Option("--random", help="This many samples drawn at random (--seed).")] = None,
+    seed: Annotated[int, typer.Option(help="With --random: seed of the draw.")] = 0,
+    out: Annotated[Optional[Path], typer.Option("--out", help="PNG to write [default: <sample>.png]; with --random, "
+                                                "a folder [default: this one].")] = None,
 ) -> None:
     """Write a PNG of a sample's stored views beside a PCA-to-RGB picture of each teacher's features.
 
-    Example:
+    Examples:
 
       rsmtdf show cache/loveda --sample Train/Rural/0_1 --out rural0.png
+
+      rsmtdf show cache/loveda --index 0
+
+      rsmtdf show cache/loveda --random 5 --out pictures/
     """
     from .cache import FeatureCache
-    from .data import open_dataset
-    from .show import render_sample
+    from .inspect.stats import cache_dataset
+    from .show import choose_samples, render_sample
 
+    if sum(x is not None for x in (sample, index, random)) != 1:
+        raise RsmtdfError("show: give exactly one of --sample ID, --index I, --random N")
     cache = FeatureCache.open(path)
-    ds = cache.attrs["dataset"]
-    try:
-        dataset = open_dataset(ds["name"], ds["root"], ds["classes"])
-    except RsmtdfError:
-        dataset = None  # the dataset moved: show the features alone
-    out = out or Path(sample.replace("/", "_") + ".png")
-    render_sample(cache, sample, out, dataset)
-    typer.echo(f"wrote {out}")
+    ids = choose_samples(cache, sample, index, random, seed)
+    dataset = cache_dataset(cache)  # None if the dataset moved: the features alone
+    for sid in ids:
+        name = Path(sid.replace("/", "_") + ".png")
+        target = (out or Path(".")) / name if random is not None else out or name
+        render_sample(cache, sid, target, dataset)
+        typer.echo(f"wrote {target}")
+@app.command("report")
+def report(
+    path: Annotated[str, typer.Argument(help="Cache path or URL.")],
+    out: Annotated[Path, typer.Option("--output", "-o", help="Folder for index.html and its PNGs (replaced whole "
+                                      "if it holds an earlier report).")] = Path("report"),
+    gallery: Annotated[int, typer.Option(help="Samples in the gallery.")] = 6,
+    samples: Annotated[Optional[int], typer.Option(help="Statistics over a random subset of this many samples.")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the gallery, the subset and the random baselines.")] = 0,
+) -> None:
+    """Write a static HTML report of a cache: summary, statistics as figures, a gallery of views with
+    their teachers' PCA pictures and masks. Opens from disk, offline.
+
+    Example:
+
+      rsmtdf report cache/loveda -o report/ --gallery 8 --samples 500
+    """
+    from .cache import FeatureCache
+    from .inspect.html import check_target, write_report
+    from .inspect.stats import cache_dataset
+
+    if gallery < 0 or (samples is not None and samples < 1):
+        raise RsmtdfError(f"--gallery {gallery} --samples {samples}: give a gallery of 0 or more and at least 1 sample")
+    check_target(out)
+    cache = FeatureCache.open(path)
+    done = write_report(cache, cache_dataset(cache), out, gallery, samples, seed)
+    typer.echo(f"report of {done['samples']} samples, gallery of {gallery} ({done['gallery']} views), "
+               f"{done['images']} images: open {out / 'index.html'}")
 
 
 @app.command("make-splits")

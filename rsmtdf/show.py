@@ -50,7 +50,23 @@ def _sample_index(cache: FeatureCache, sample_id: str) -> int:
                           f"(e.g. {', '.join(hint)}; it holds {len(ids)} samples)") from None
 
 
-def _view_images(cache: FeatureCache, i: int, sample_id: str, dataset: SegmentationDataset | None,
+def choose_samples(cache: FeatureCache, sample_id: str | None = None, index: int | None = None,
+                   random: int | None = None, seed: int = 0) -> list[str]:
+    """The ids `show` draws: one by id, one by position, or N at random (seeded, in cache order)."""
+    ids = cache.ids
+    if sample_id is not None:
+        return [ids[_sample_index(cache, sample_id)]]
+    if index is not None:
+        if not 0 <= index < len(ids):
+            raise RsmtdfError(f"--index {index}: the cache {cache.url} holds samples 0..{len(ids) - 1}")
+        return [ids[index]]
+    if random is None or random < 1:
+        raise RsmtdfError(f"--random {random}: give at least 1")
+    picked = np.random.default_rng(seed).choice(len(ids), min(random, len(ids)), replace=False)
+    return [ids[k] for k in sorted(picked)]
+
+
+def view_images(cache: FeatureCache, i: int, sample_id: str, dataset: SegmentationDataset | None,
                  cell: int) -> list[Image.Image]:
     """Each stored view's crop from the dataset, at cell×cell; grey if the pixels cannot be had."""
     views = cache.views_of(i)
@@ -77,7 +93,7 @@ def render_sample(cache: FeatureCache, sample_id: str, out: str | Path, dataset:
     Returns the layout: {"size": (W, H), "panels": {teacher: {"grid": g, "factor": f, "boxes": [(x0, y0) per view]}},
     "image_boxes": [(x0, y0) per view]}."""
     i = _sample_index(cache, sample_id)
-    images = _view_images(cache, i, sample_id, dataset, cell)
+    images = view_images(cache, i, sample_id, dataset, cell)
     reader = cache.reader()
     feats = [reader.read(i, a) for a in range(len(images))]
     grids = {t["name"]: int(t["grid"]) for t in cache.attrs["teachers"]}

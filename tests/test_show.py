@@ -132,3 +132,29 @@ def test_unknown_sample_id_is_a_one_line_error(cache: FeatureCache, tmp_path: Pa
         render_sample(cache, "s9", tmp_path / "x.png")
     assert cache.url in str(info.value) and "s0" in str(info.value) and "\n" not in str(info.value)
     assert not (tmp_path / "x.png").exists()
+
+
+def test_choose_samples_by_id_index_or_seeded_draw(cache: FeatureCache) -> None:
+    from rsmtdf.show import choose_samples
+
+    assert choose_samples(cache, sample_id="s2") == ["s2"] and choose_samples(cache, index=1) == ["s1"]
+    drawn = choose_samples(cache, random=2, seed=3)
+    assert drawn == choose_samples(cache, random=2, seed=3) and len(set(drawn)) == 2 and set(drawn) <= set(IDS)
+    assert sorted(drawn) == drawn  # in cache order
+    assert choose_samples(cache, random=10) == IDS  # more than there are: every sample once
+    assert {tuple(choose_samples(cache, random=1, seed=s)) for s in range(20)} == {(i,) for i in IDS}
+
+
+def test_show_cli_index_and_random(cache: FeatureCache, tmp_path: Path) -> None:
+    from conftest import run_cli
+    from test_errors import error_line
+
+    proc = run_cli("show", cache.url, "--index", "1", "--out", tmp_path / "one.png", check=True)
+    assert proc.stdout.strip() == f"wrote {tmp_path / 'one.png'}" and (tmp_path / "one.png").is_file()
+    proc = run_cli("show", cache.url, "--random", "2", "--seed", "4", "--out", tmp_path / "pics", check=True)
+    written = sorted(p.stem for p in (tmp_path / "pics").glob("*.png"))
+    assert len(written) == 2 and set(written) <= set(IDS) and proc.stdout.count("wrote ") == 2
+    error_line(run_cli("show", cache.url, "--index", "3"), "--index 3", "0..2")
+    error_line(run_cli("show", cache.url, "--index", "0", "--sample", "s1"), "exactly one of")
+    error_line(run_cli("show", cache.url), "exactly one of")
+    error_line(run_cli("show", cache.url, "--random", "0"), "--random 0")
