@@ -41,6 +41,7 @@ from .extract import view_table
 from .model import Student, TeacherSlot
 from .recipe import view_spec
 from .runlog import PICTURES, RunLog
+from .slurm import adopt_slurm_env
 from .teachers import Teacher, build_teachers
 from .views import View, apply_view
 
@@ -478,7 +479,8 @@ def _student_weights(st: dict):
 
 
 def setup_distributed() -> str:
-    """Join the torchrun group if there is one (NCCL on GPU, gloo on CPU); returns the device."""
+    """Join the torchrun or `srun` group if there is one (NCCL on GPU, gloo on CPU); returns the device."""
+    adopt_slurm_env()
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         dist.init_process_group(backend)

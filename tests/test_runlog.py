@@ -7,22 +7,13 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import run_cli, write_recipe
-from test_train import SIZES, STUDENT, TEACHERS
-
-from rsmtdf.data import open_dataset
-from rsmtdf.splits import make_splits
+from test_train import _train, setup  # noqa: F401 - the shared cache and tiny-student recipe
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory, synthetic_root):
-    tmp = tmp_path_factory.mktemp("runlog")
-    make_splits(open_dataset("loveda", synthetic_root), tmp / "splits")
-    recipe = write_recipe(tmp / "recipe.toml", synthetic_root, tmp / "splits", teachers=TEACHERS, sizes=SIZES,
-                          extra=STUDENT)
-    run_cli("extract-features", "-r", recipe, "-o", tmp / "cache", "--workers", "0", check=True)
-    run_cli("train", "--cache", tmp / "cache", "--split", "10pct", "-r", recipe, "--run-dir", tmp / "run",
-            "--max-steps", "3", check=True)
+def run(setup):  # noqa: F811
+    _, _, tmp = setup
+    _train(setup, tmp / "run", "--max-steps", "3")
     return tmp / "run", tmp / "splits"
 
 
