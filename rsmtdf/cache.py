@@ -35,6 +35,8 @@ from zarr.codecs import BloscCodec
 
 from . import __version__
 from .errors import RsmtdfError
+from .remote import filesystem, zarr_store
+from .remote import is_url as _is_url
 from .views import View
 
 SCHEMA_VERSION = 1
@@ -47,13 +49,9 @@ def default_compressor() -> BloscCodec:
     return BloscCodec(cname="zstd", clevel=3, shuffle="bitshuffle")
 
 
-def _is_url(url: str) -> bool:
-    return "://" in url and not url.startswith("file://")
-
-
 def _store(url: str, read_only: bool):
     if _is_url(url):
-        return zarr.storage.FsspecStore.from_url(url, read_only=read_only)
+        return zarr_store(url, read_only)
     return zarr.storage.LocalStore(url.removeprefix("file://"), read_only=read_only)
 
 
@@ -284,9 +282,7 @@ class CacheReader:
 
 def _exists(url: str) -> bool:
     if _is_url(url):
-        import fsspec
-
-        fs, path = fsspec.core.url_to_fs(url)
+        fs, path = filesystem(url)
         return fs.exists(f"{path}/zarr.json")
     p = Path(url.removeprefix("file://"))
     if p.is_dir() and any(p.iterdir()) and not (p / "zarr.json").exists():
