@@ -485,7 +485,8 @@ def setup_distributed() -> str:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         dist.init_process_group(backend)
     if torch.cuda.is_available():
-        local = int(os.environ.get("LOCAL_RANK", "0"))
+        # modulo: a task that sees only its own GPU (srun --gpus-per-task=1) has local rank > 0 and one device
+        local = int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count()
         torch.cuda.set_device(local)
         return f"cuda:{local}"
     return "cpu"
