@@ -5,11 +5,13 @@ safetensors export exactly as with the checkpoint."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torch
-from conftest import run_cli
+from conftest import ROOT, run_cli
 from PIL import Image
 from test_errors import error_line
 from test_train import _train, setup  # noqa: F401 - the shared cache and tiny-student recipe
@@ -75,6 +77,13 @@ def test_bad_exports_say_one_line(checkpoint, tmp_path):
     error_line(run_cli("export", "--checkpoint", tmp_path / "none.pt"), "none.pt", "no checkpoint")
     error_line(run_cli("export", "--checkpoint", checkpoint, "--format", "onnx", "-o", tmp_path / "m.bin"),
                "m.bin", ".onnx")
+    # without the onnx extra (its modules absent for this process alone): one line naming it
+    code = ("import sys; sys.modules['onnx'] = sys.modules['onnxscript'] = None; from rsmtdf.cli import main; "
+            f"sys.argv = ['rsmtdf', 'export', '--checkpoint', {str(checkpoint)!r}, '--format', 'onnx', "
+            f"'-o', {str(tmp_path / 'm.onnx')!r}]; main()")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    error_line(proc, "pip install 'rsmtdf[onnx]'")
+    assert not list(tmp_path.glob("*m.onnx*"))
     lone = tmp_path / "lone.safetensors"
     lone.write_bytes(b"x")
     error_line(run_cli("predict", tmp_path / "x.png", "--checkpoint", lone), "lone.safetensors.json", "sidecar")
