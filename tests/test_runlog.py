@@ -52,3 +52,12 @@ def test_tensorboard_holds_steps_evaluations_pictures_and_recipe(run):
     text = events.Tensors("recipe/text_summary")[0].tensor_proto.string_val[0].decode()
     assert '"translator_hidden": 64' in text and '"effnet_lite1": 28' in text
     assert (run_dir / "curves.png").stat().st_size > 0
+
+
+def test_evaluate_shows_a_progress_bar_over_tiles(run):
+    from conftest import run_cli
+
+    run_dir, splits = run
+    proc = run_cli("evaluate", "--checkpoint", run_dir / "best.pt", "--split", "val", check=True)
+    tiles = len((splits / "val.txt").read_text().split())
+    assert "evaluate: 100%" in proc.stderr and f"{tiles}/{tiles} [" in proc.stderr, proc.stderr[-2000:]
