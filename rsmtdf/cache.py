@@ -39,6 +39,8 @@ from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
 
 from . import __version__
 from .errors import RsmtdfError
+from .remote import filesystem, zarr_store
+from .remote import is_url
 from .views import View
 
 SCHEMA_VERSION = 2  # 2: every chunk carries a crc32c checksum
@@ -64,13 +66,9 @@ def repair_hint(url: str) -> str:
     return f"run `rsmtdf inspect --verify {url}`, then {repair_command(url)}"
 
 
-def is_url(url: str) -> bool:
-    return "://" in url and not url.startswith("file://")
-
-
 def _store(url: str, read_only: bool):
     if is_url(url):
-        return zarr.storage.FsspecStore.from_url(url, read_only=read_only)
+        return zarr_store(url, read_only)
     return zarr.storage.LocalStore(url.removeprefix("file://"), read_only=read_only)
 
 
@@ -397,9 +395,7 @@ def decode_problem(exc: Exception) -> str:
 
 def _exists(url: str) -> bool:
     if is_url(url):
-        import fsspec
-
-        fs, path = fsspec.core.url_to_fs(url)
+        fs, path = filesystem(url)
         return fs.exists(f"{path}/zarr.json")
     p = Path(url.removeprefix("file://"))
     if p.is_dir() and any(p.iterdir()) and not (p / "zarr.json").exists():

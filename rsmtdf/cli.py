@@ -357,12 +357,12 @@ def _trained(checkpoint: Path, model: str, mode: str):
     import torch
 
     from .evaluate import MODES
-    from .predict import load_trained
+    from .export import load_model
 
     if mode not in MODES or model not in ("ema", "student"):
         raise RsmtdfError(f"--mode {mode} --model {model}: choose mode from {MODES} and model from ema, student")
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    net, ident, recipe = load_trained(checkpoint, model)
+    net, ident, recipe = load_model(checkpoint, model)
     return net.to(device), ident, recipe, device
 
 
@@ -428,6 +428,30 @@ def predict_cmd(
         predict_scene(net, path, out / f"{path.stem}.tif", recipe, ident["class_names"], ident["dataset"]["name"],
                       device, mode)
     typer.echo(f"mapped {len(images)} scenes with {checkpoint} ({model}, {mode}) into {out}")
+
+
+@app.command("export")
+def export_cmd(
+    checkpoint: Annotated[Path, typer.Option("--checkpoint", help="A run's best.pt or latest.pt.")],
+    fmt: Annotated[str, typer.Option("--format", help="safetensors or onnx.")] = "safetensors",
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="File to write [default: beside the "
+                                                   "checkpoint, best.safetensors or best.onnx].")] = None,
+    ema: Annotated[bool, typer.Option("--ema", help="Export the EMA model instead of the student.")] = False,
+) -> None:
+    """Write one trained model for serving (no optimiser or training state) and a JSON sidecar of its
+    config, classes, bands, scaling and normalisation. ONNX takes any batch and any height and width
+    that are multiples of the patch; `predict` and `evaluate` take a safetensors export.
+
+    Examples:
+
+      rsmtdf export --checkpoint runs/loveda-5pct/best.pt --format onnx
+
+      rsmtdf export --checkpoint runs/loveda-5pct/best.pt --ema -o serve/loveda.safetensors
+    """
+    from .export import export_model
+
+    model_file, sidecar = export_model(checkpoint, fmt, output, ema)
+    typer.echo(f"wrote {model_file} ({'EMA' if ema else 'student'} model) and {sidecar}")
 
 
 @app.command("bench")

@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from tqdm import tqdm
 
 from .data import SegmentationDataset, to_unit_rgb
 from .errors import RsmtdfError
@@ -96,16 +97,19 @@ def evaluate(model: nn.Module, dataset: SegmentationDataset, ids: list[str], num
              device: torch.device | str, mode: str = "whole", crop: int = 518,
              bands: tuple[int, int, int] = (0, 1, 2), max_value: float | None = None,
              pictures: Path | None = None, num_pictures: int = 0,
-             protocol: Protocol = PROTOCOLS["rsmtdf"], scored: list[int] | None = None) -> dict:
+             protocol: Protocol = PROTOCOLS["rsmtdf"], scored: list[int] | None = None,
+             progress: bool = True) -> dict:
     """Metrics of `model` over the samples `ids` (sharded over DDP ranks, summed) under `protocol`,
     scoring the classes `scored` (default all); with `pictures`, also image | ground truth |
-    prediction PNGs of the first `num_pictures` samples there."""
+    prediction PNGs of the first `num_pictures` samples there. Rank 0 shows a progress bar over its
+    tiles unless `progress` is false."""
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     was_training = model.training
     model.eval()
     cm, drawn = ConfusionMatrix(num_classes, device=device), 0
     colours = palette(num_classes, dataset.classes.colors) if pictures is not None else None
-    for sid in ids[rank::world]:
+    for sid in tqdm(ids[rank::world], desc="evaluate", unit="tile", leave=False, dynamic_ncols=True,
+                    disable=not progress or rank != 0):
         sample = dataset.load(dataset.index(sid))
         x = torch.from_numpy(to_unit_rgb(sample.image, bands, max_value)).permute(2, 0, 1)[None].to(device)
         pred = predict(model, x, mode, crop, model.patch, protocol.whole, protocol.sliding).argmax(1)

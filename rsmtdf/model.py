@@ -287,15 +287,17 @@ class Student(nn.Module):
         f = feats[-1]
         translated: dict[str, Tensor] = {}
         if self.teachers:
-            deepest = {tuple(x.shape[-2:]): f}  # one encoder run per distinct input size
+            # one encoder run per input size, keyed by teacher size (None: the input's own size) rather
+            # than by shape, so the key is a plain int under torch.export's symbolic shapes (ONNX export)
+            deepest: dict[int | None, Tensor] = {None: f}
             fused = 0
             for t in self.teachers:
                 # a teacher at the crop size reads the student's own pass, whatever the input size
                 # (whole tiles at evaluation); others see the input resized to their size (CLIP: 224)
-                size = tuple(x.shape[-2:]) if t.input_size == self.config["crop_size"] else (t.input_size,) * 2
-                if size not in deepest:
-                    deepest[size] = self.encoder(_resize(x, size, align_corners=True))[-1]
-                f_t = _resize(deepest[size], (t.grid, t.grid), align_corners=False)
+                key = None if t.input_size == self.config["crop_size"] else t.input_size
+                if key not in deepest:
+                    deepest[key] = self.encoder(_resize(x, (key, key), align_corners=True))[-1]
+                f_t = _resize(deepest[key], (t.grid, t.grid), align_corners=False)
                 tokens = self.translators[t.name](f_t.flatten(2).transpose(1, 2))
                 translated[t.name] = tokens
                 # Projecting on the teacher grid and then resizing equals the reference's

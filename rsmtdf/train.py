@@ -39,8 +39,9 @@ from .errors import RsmtdfError, worker_errors_as_lines
 from .evaluate import evaluate
 from .extract import view_table
 from .model import Student, TeacherSlot
-from .plots import plot_curves
 from .recipe import view_spec
+from .runlog import PICTURES, RunLog
+from .slurm import adopt_slurm_env
 from .teachers import Teacher, build_teachers
 from .views import View, apply_view
 
@@ -405,7 +406,7 @@ class Trainer:
         """Train to the end (from the resumed step), evaluating and checkpointing; returns the last metrics."""
         tr = self.recipe["train"]
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        log = open(self.run_dir / "metrics.jsonl", "a") if self.rank == 0 else None
+        log = RunLog(self.run_dir, self.recipe, self.class_names) if self.rank == 0 else None
         bar = tqdm(total=self.total, initial=self.step, desc="train", unit="step", disable=not self.progress or self.rank,
                    dynamic_ncols=True)
         start_time, start_step, last = time.perf_counter(), self.step, {}
@@ -417,8 +418,7 @@ class Trainer:
                 bar.update(1)
                 bar.set_postfix(loss=f"{last['loss']:.3f}", distill=f"{last['loss_distill']:.3f}")
                 if log:
-                    log.write(json.dumps({"step": self.step, **last}) + "\n")
-                    log.flush()
+                    log.step(self.step, last)
                 end_of_epoch = self.step % self.steps_per_epoch == 0
                 if self.step >= self.total or (end_of_epoch and (self.step // self.steps_per_epoch) % tr["eval_every"] == 0):
                     self._evaluate(log)
@@ -429,22 +429,24 @@ class Trainer:
         bar.close()
         if log:
             log.close()
-            plot_curves(self.run_dir)
         rate = (self.step - start_step) / max(time.perf_counter() - start_time, 1e-9)
         return {**last, "steps": self.step, "steps_per_s": rate, "best": self.best}
 
-    def _evaluate(self, log) -> None:
+    def _evaluate(self, log: RunLog | None) -> None:
         if not self.val_ids:
             return
         data = self.recipe["data"]
         res, res_ema = (evaluate(model, self.dataset, self.val_ids, len(self.class_names), self.device,
                                  self.recipe["train"]["eval_mode"], self.student.config["crop_size"],
-                                 tuple(data["bands"]), data["max_value"]) for model in (self.student, self.ema))
+                                 tuple(data["bands"]), data["max_value"],
+                                 pictures=log.pictures_dir(self.step, name) if log else None, num_pictures=PICTURES,
+                                 progress=self.progress)
+                        for name, model in (("student", self.student), ("ema", self.ema)))
         if res["mIoU"] >= self.best["mIoU"]:
             self.best = {"mIoU": res["mIoU"], "mIoU_ema": res_ema["mIoU"], "step": self.step}
             self._save("best.pt")
         if log:
-            log.write(json.dumps({"step": self.step, "eval": res, "eval_ema": res_ema}) + "\n")
+            log.evaluation(self.step, {"student": res, "ema": res_ema})
         if self.rank == 0 and self.progress:
             tqdm.write(f"step {self.step}: val mIoU {res['mIoU']:.2f}, EMA {res_ema['mIoU']:.2f}")
 
@@ -477,12 +479,14 @@ def _student_weights(st: dict):
 
 
 def setup_distributed() -> str:
-    """Join the torchrun group if there is one (NCCL on GPU, gloo on CPU); returns the device."""
+    """Join the torchrun or `srun` group if there is one (NCCL on GPU, gloo on CPU); returns the device."""
+    adopt_slurm_env()
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         dist.init_process_group(backend)
     if torch.cuda.is_available():
-        local = int(os.environ.get("LOCAL_RANK", "0"))
+        # modulo: a task that sees only its own GPU (srun --gpus-per-task=1) has local rank > 0 and one device
+        local = int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count()
         torch.cuda.set_device(local)
         return f"cuda:{local}"
     return "cpu"
