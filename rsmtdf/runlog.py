@@ -10,7 +10,6 @@ TensorBoard tags: `train/<loss>`, `train/mask_ratio`, `train/lr` every step; `va
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import numpy as np
@@ -50,9 +49,10 @@ class RunLog:
         self.jsonl.write(json.dumps({"step": step, "eval": results["student"], "eval_ema": results["ema"]}) + "\n")
         self.jsonl.flush()
         for model, res in results.items():
-            self.writer.add_scalar(f"val/{model}/mIoU", res["mIoU"], step)
+            if res["mIoU"] is not None:  # no scored class present
+                self.writer.add_scalar(f"val/{model}/mIoU", res["mIoU"], step)
             for name, iou in zip(self.class_names, res["IoU"]):
-                if not math.isnan(iou):  # a class absent from both truth and prediction has no IoU
+                if iou is not None:  # a class absent from both truth and prediction has no IoU (null)
                     self.writer.add_scalar(f"val/{model}/IoU/{name}", iou, step)
             for png in sorted(self.pictures_dir(step, model).glob("*.png")):
                 self.writer.add_image(f"val/{model}/{png.stem}", np.asarray(Image.open(png).convert("RGB")), step,
