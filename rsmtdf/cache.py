@@ -5,6 +5,7 @@
   ids              (N,)          str
   views            (N, A, 5)     float32   (scale, y0, x0, hflip, rot90)
   teachers/<name>  (N, A, L, C)  float16   (or int8, with scales/<name> (N, A, L) float16)
+  valid            (N, A)        float32   share of each view's crop holding valid pixels
   done             (N_shards,)   uint8
 ```
 
@@ -144,6 +145,10 @@ class FeatureCache:
         group.create_array("views", shape=(n, a, 5), chunks=(s, a, 5), dtype="float32", fill_value=np.nan,
                            dimension_names=("sample", "view", "param"),
                            attributes={"params": ["scale", "y0", "x0", "hflip", "rot90"]})
+        group.create_array("valid", shape=(n, a), chunks=(s, a), dtype="float32", fill_value=np.nan,
+                           dimension_names=("sample", "view"),
+                           attributes={"meaning": "share of the view's crop holding valid pixels (not NaN, not "
+                                                  "nodata, not padding); 0 means training never shows the view"})
         group.create_array("done", shape=(-(-n // s),), chunks=(1,), dtype="uint8", fill_value=0,
                            dimension_names=("shard",))
         dtype = "int8" if attrs["storage"] == "int8" else "float16"
@@ -200,14 +205,17 @@ class FeatureCache:
     def missing_shards(self) -> list[int]:
         return [int(k) for k in np.flatnonzero(~self.done_flags())]
 
-    def write_shard(self, k: int, views: np.ndarray, targets: dict[str, np.ndarray]) -> int:
-        """Write shard k whole (views and every teacher), then set its done flag. Returns bytes."""
+    def write_shard(self, k: int, views: np.ndarray, targets: dict[str, np.ndarray],
+                    valid: np.ndarray | None = None) -> int:
+        """Write shard k whole (views, their valid shares (None: all 1) and every teacher), then set
+        its done flag. Returns bytes."""
         r = self.shard_range(k)
         expected = (len(r), self.num_views)
         if views.shape[:2] != expected:
             raise ValueError(f"shard {k}: views {views.shape[:2]} != {expected}")
         written = 0
         self.group["views"][r.start : r.stop] = views
+        self.group["valid"][r.start : r.stop] = np.ones(expected, np.float32) if valid is None else valid
         for lay in self.layouts:
             x = targets[lay.name]
             if self.attrs["storage"] == "int8":
@@ -240,6 +248,10 @@ class FeatureCache:
     def views_array(self) -> np.ndarray:
         """(N, A, 5) parameters of every stored view."""
         return self.group["views"][:]
+
+    def valid_array(self) -> np.ndarray:
+        """(N, A) share of each stored view's crop that holds valid pixels."""
+        return self.group["valid"][:]
 
     def views_of(self, i: int) -> list[View]:
         return [View.from_array(v) for v in self.group["views"][i]]

@@ -54,7 +54,7 @@ def evaluate(model: nn.Module, dataset: SegmentationDataset, ids: list[str], num
     colours = palette(num_classes, dataset.classes.colors) if pictures is not None else None
     for sid in ids[rank::world]:
         sample = dataset.load(dataset.index(sid))
-        x = torch.from_numpy(to_unit_rgb(sample.image, bands, max_value)).permute(2, 0, 1)[None].to(device)
+        x = torch.from_numpy(to_unit_rgb(sample.image, bands, max_value, sample.valid)).permute(2, 0, 1)[None].to(device)
         pred = predict(model, x, mode, crop, model.patch).argmax(1)
         cm.update(pred, torch.from_numpy(sample.mask).long()[None].to(device))
         if pictures is not None and drawn < num_pictures:
