@@ -123,6 +123,10 @@ def test_resume_after_sigkill_continues_the_same_trajectory(setup, tmp_path):
         for key in a[part]:
             diff = (a[part][key].float() - b[part][key].float()).abs().max().item() if a[part][key].numel() else 0
             assert diff < 1e-6, (part, key, diff)
+    # the steps the killed run logged past its checkpoint are replayed and logged once
+    assert [r["step"] for r in _losses(killed)] == list(range(1, 9))
+    for x, y in zip(_losses(whole), _losses(killed), strict=True):
+        assert abs(x["loss"] - y["loss"]) <= 1e-5 * max(abs(x["loss"]), 1e-8), (x, y)
 
 
 def test_checkpoint_holds_no_teacher(setup, tmp_path):
@@ -233,7 +237,7 @@ def test_refuses_cache_made_with_other_split_lists(setup, tmp_path):
 def load_recipe_root(recipe: Path) -> str:
     from rsmtdf.recipe import load_recipe
 
-    return load_recipe(recipe)["data"]["root"]
+    return load_recipe(recipe).data.root
 
 
 def test_refuses_unfinalized_cache(setup, tmp_path):
