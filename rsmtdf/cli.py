@@ -345,13 +345,15 @@ def predict_cmd(
 
       rsmtdf predict scenes/*.tif --checkpoint runs/loveda-5pct/best.pt --out maps/
     """
+    from dataclasses import asdict
+
     from tqdm import tqdm
 
-    from .predict import predict_scene
+    from .predict import predict_scene  # reads the recipe's [data] as a dict (its rewrite is under way)
 
     net, ident, recipe, device = _trained(checkpoint, model, mode)
     for path in tqdm(images, desc="predict", unit="scene"):
-        predict_scene(net, path, out / f"{path.stem}.tif", recipe.to_dict(), ident["class_names"], ident["dataset"]["name"],
+        predict_scene(net, path, out / f"{path.stem}.tif", {"data": asdict(recipe.data)}, ident["class_names"], ident["dataset"]["name"],
                       device, mode)
     typer.echo(f"mapped {len(images)} scenes with {checkpoint} ({model}, {mode}) into {out}")
 

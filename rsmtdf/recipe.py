@@ -173,7 +173,9 @@ class Recipe:
             if value is None:
                 continue
             name, _, k = dotted.partition(".")
-            section = getattr(recipe, name)
+            section = getattr(recipe, name) if name in _sections() else None
+            if section is None or k not in {f.name for f in fields(section)}:
+                raise RsmtdfError(f"{origin.get(dotted, f'--set {dotted}')}: unknown recipe key '{dotted}'")
             where = f"{origin[dotted]} {_as_typed(value)}" if dotted in origin else f"--set {dotted}={_show(value)}"
             hints = get_type_hints(type(section))
             checked = _checked(value, hints[k], _rule(type(section), k), where, option=True)

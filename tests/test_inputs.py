@@ -199,3 +199,5 @@ def test_recipes_round_trip_and_overrides_are_checked(tmp_path):
 
     with pytest.raises(RsmtdfError, match=r"^--set views.hflip=\"no\": expected true or false$"):
         r.override({"views.hflip": "no"})
+    with pytest.raises(RsmtdfError, match=r"^--set views.colour: unknown recipe key 'views.colour'$"):
+        r.override({"views.colour": 1})

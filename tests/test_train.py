@@ -203,7 +203,8 @@ def _assert_one_line_error(proc, *words: str) -> None:
 
 def test_refuses_cache_for_another_teacher_set_or_dataset(setup, tmp_path):
     recipe, cache, tmp = setup
-    other = write_recipe(tmp_path / "r.toml", tmp / "x", tmp / "splits", teachers='["effnet_lite1"]', extra=STUDENT)
+    other = write_recipe(tmp_path / "r.toml", tmp / "x", tmp / "splits", teachers='["effnet_lite1"]', sizes="{ effnet_lite1 = 28 }",
+                         extra=STUDENT)
     _assert_one_line_error(run_cli("train", "--cache", cache, "--split", "10pct", "-r", other, "--run-dir", tmp_path / "r"),
                            str(cache), "teachers")
     potsdam = tmp_path / "p.toml"
