@@ -26,8 +26,8 @@ def run_demo(workdir: Path, steps: int = 12) -> None:
     from .teachers import build_teachers
     from .train import Trainer
 
-    recipe = load_recipe(DEMO_RECIPE)
     data_dir, splits_dir, cache_dir, run_dir = (workdir / n for n in ("data", "splits", "cache", "run"))
+    recipe = load_recipe(DEMO_RECIPE).override({"data.root": str(data_dir), "data.splits": str(splits_dir)})
     if not (data_dir / "Train").is_dir():
         typer.echo(f"[1/5] generating land-cover scenes in {data_dir}")
         make_landcover_dataset(data_dir, train_scenes=4, val_scenes=2, size=512, seed=0)
