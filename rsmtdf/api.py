@@ -8,14 +8,14 @@ from __future__ import annotations
 from pathlib import Path
 
 from .cache import FeatureCache
-from .recipe import load_recipe
+from .recipe import Recipe, load_recipe
 
 
-def _recipe(recipe: dict | str | Path | None) -> dict:
-    return recipe if isinstance(recipe, dict) else load_recipe(recipe)
+def _recipe(recipe: Recipe | str | Path | None) -> Recipe:
+    return recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
 
 
-def extract_features(recipe: dict | str | Path | None, output: str | Path | None = None, *,
+def extract_features(recipe: Recipe | str | Path | None, output: str | Path | None = None, *,
             teacher_weights: dict[str, str] | None = None, device: str = "cpu", workers: int = 2,
             batch_size: int = 8, shard_index: int = 0, num_shards: int = 1, progress: bool = True) -> FeatureCache:
     """Stage one: run the recipe's teachers over its dataset's training tiles and views into a cache
@@ -23,20 +23,19 @@ def extract_features(recipe: dict | str | Path | None, output: str | Path | None
     (complete once every worker's shards are written)."""
     from .data import open_dataset
     from .extract import extract as extract_shards
-    from .recipe import view_spec
     from .teachers import build_teachers
 
     r = _recipe(recipe)
-    data, t = r["data"], r["teachers"]
-    output = str(output or f"cache/{data['dataset']}")
-    extract_shards(open_dataset(data["dataset"], data["root"], data["classes"]), data["splits"], view_spec(r),
-                   build_teachers(t["names"], teacher_weights, sizes=t["sizes"]), output, shard_index=shard_index,
-                   num_shards=num_shards, batch_size=batch_size, num_workers=workers, storage=t["storage"],
-                   device=device, bands=tuple(data["bands"]), max_value=data["max_value"], progress=progress)
+    data, t = r.data, r.teachers
+    output = str(output or f"cache/{data.dataset}")
+    extract_shards(open_dataset(data.dataset, data.root, list(data.classes)), data.splits, r.view_spec(),
+                   build_teachers(list(t.names), teacher_weights, sizes=t.sizes), output, shard_index=shard_index,
+                   num_shards=num_shards, batch_size=batch_size, num_workers=workers, storage=t.storage,
+                   device=device, bands=data.bands, max_value=data.max_value, progress=progress)
     return FeatureCache.open(output)
 
 
-def train_student(recipe: dict | str | Path | None, cache: str | Path | None = None, split: str = "5pct",
+def train_student(recipe: Recipe | str | Path | None, cache: str | Path | None = None, split: str = "5pct",
           run_dir: str | Path | None = None, *, teachers: str = "cached", device: str = "cpu",
           teacher_weights: dict[str, str] | None = None, resume: bool = False, progress: bool = True) -> dict:
     """Stage two: train the student from `cache` (or with `teachers="online"` and no cache) on the
@@ -45,7 +44,7 @@ def train_student(recipe: dict | str | Path | None, cache: str | Path | None = N
     from .train import Trainer
 
     r = _recipe(recipe)
-    run_dir = Path(run_dir or f"runs/{r['data']['dataset']}-{split}")
+    run_dir = Path(run_dir or f"runs/{r.data.dataset}-{split}")
     trainer = Trainer(None if cache is None else str(cache), split, r, run_dir, teachers, device, teacher_weights,
                       resume, progress=progress)
     return trainer.fit()

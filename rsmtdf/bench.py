@@ -181,17 +181,16 @@ def _dataset(root: Path, scenes: int, size: int):
     return ds, root / "splits"
 
 
-def _recipe(root: Path, sizes: Sizes, views: int) -> dict:
+def _recipe(root: Path, sizes: Sizes, views: int):
     from .recipe import load_recipe
 
-    r = load_recipe(None)
-    r["data"].update(dataset="loveda", root=str(root / "data"), splits=str(root / "splits"))
-    r["views"].update(count=views, crop_size=sizes.crop)
-    r["teachers"].update(names=list(sizes.teachers), sizes=dict(sizes.teachers))
-    r["student"].update(encoder=sizes.student, pretrained=False, translator_hidden=sizes.translator_hidden,
-                        kwargs=dict(sizes.student_kwargs))
-    r["train"].update(batch_size=sizes.batch, max_steps=10**9, eval_every=10**6)
-    return r
+    return load_recipe(None).override({
+        "data.dataset": "loveda", "data.root": str(root / "data"), "data.splits": str(root / "splits"),
+        "views.count": views, "views.crop_size": sizes.crop,
+        "teachers.names": list(sizes.teachers), "teachers.sizes": dict(sizes.teachers),
+        "student.encoder": sizes.student, "student.pretrained": False,
+        "student.translator_hidden": sizes.translator_hidden, "student.kwargs": dict(sizes.student_kwargs),
+        "train.batch_size": sizes.batch, "train.max_steps": 10**9, "train.eval_every": 10**6})
 
 
 class Context:
@@ -211,13 +210,12 @@ class Context:
     def trainer(self):
         if self._trainer is None:
             from .extract import extract
-            from .recipe import view_spec
             from .train import Trainer
 
             root = self.workdir / "step"
             ds, splits = _dataset(root, self.sizes.step_scenes, self.sizes.scene_size)
             recipe = _recipe(root, self.sizes, views=2)
-            extract(ds, str(splits), view_spec(recipe), self.teachers(), str(root / "cache"),
+            extract(ds, str(splits), recipe.view_spec(), self.teachers(), str(root / "cache"),
                     batch_size=self.sizes.extract_batch, device=self.device, progress=False)
             self._trainer = Trainer(str(root / "cache"), "10pct", recipe, root / "run", "cached", self.device,
                                     progress=False)
@@ -308,7 +306,7 @@ def bench_step(ctx: Context) -> dict:
     t = {k: v["median_s"] for k, v in times.items()}
     result = {
         "sizes": {"crop": s.crop, "batch": s.batch, "student": s.student, "teachers": s.teachers,
-                  "workers": trainer.recipe["train"]["workers"]},
+                  "workers": trainer.recipe.train.workers},
         "times": times, "flops": flops,
         "ratios": {
             "cached_read/cached_memory": {"value": t["cached_read"] / t["loader_memory"], "goal": "<= 1.05"},

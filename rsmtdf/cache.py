@@ -5,6 +5,7 @@
   ids              (N,)          str
   views            (N, A, 5)     float32   (scale, y0, x0, hflip, rot90)
   teachers/<name>  (N, A, L, C)  float16   (or int8, with scales/<name> (N, A, L) float16)
+  valid            (N, A)        float32   share of each view's crop holding valid pixels
   done             (N_shards,)   uint8
 ```
 
@@ -189,6 +190,10 @@ class FeatureCache:
         group.create_array("views", shape=(n, a, 5), chunks=(s, a, 5), dtype="float32", fill_value=np.nan,
                            compressors=small, dimension_names=("sample", "view", "param"),
                            attributes={"params": ["scale", "y0", "x0", "hflip", "rot90"]})
+        group.create_array("valid", shape=(n, a), chunks=(s, a), dtype="float32", fill_value=np.nan,
+                           compressors=small, dimension_names=("sample", "view"),
+                           attributes={"meaning": "share of the view's crop holding valid pixels (not NaN, not "
+                                                  "nodata, not padding); 0 means training never shows the view"})
         group.create_array("done", shape=(-(-n // s),), chunks=(1,), dtype="uint8", fill_value=0, compressors=small,
                            dimension_names=("shard",))
         dtype = "int8" if attrs["storage"] == "int8" else "float16"
@@ -242,8 +247,10 @@ class FeatureCache:
     def missing_shards(self) -> list[int]:
         return [int(k) for k in np.flatnonzero(~self.done_flags())]
 
-    def write_shard(self, k: int, views: np.ndarray, targets: dict[str, np.ndarray]) -> int:
-        """Write shard k whole (views and every teacher), then set its done flag. Returns bytes.
+    def write_shard(self, k: int, views: np.ndarray, targets: dict[str, np.ndarray],
+                    valid: np.ndarray | None = None) -> int:
+        """Write shard k whole (views, their valid shares (None: all 1) and every teacher), then set
+        its done flag. Returns bytes.
 
         Every value is checked finite as stored before anything is written: a NaN or an fp16
         overflow would otherwise be read back as a target (or as an unwritten shard)."""
@@ -263,6 +270,7 @@ class FeatureCache:
                     stored[f"teachers/{lay.name}"] = check = x.astype(np.float16)
             self._check_finite(lay.name, check, r)
         self.group["views"][r.start : r.stop] = views
+        self.group["valid"][r.start : r.stop] = np.ones(expected, np.float32) if valid is None else valid
         for key, value in stored.items():
             self.group[key][r.start : r.stop] = value
         self.group["done"][k] = 1
@@ -279,7 +287,7 @@ class FeatureCache:
     def shard_arrays(self) -> list[str]:
         """The arrays whose chunk k (along samples) is shard k, done flag first."""
         per_teacher = ("teachers", "scales") if self.attrs["storage"] == "int8" else ("teachers",)
-        return ["done", "views", *(f"{p}/{lay.name}" for lay in self.layouts for p in per_teacher)]
+        return ["done", "views", "valid", *(f"{p}/{lay.name}" for lay in self.layouts for p in per_teacher)]
 
     def shard_keys(self, k: int) -> list[str]:
         """The store keys holding shard k, one per array of `shard_arrays` (a chunk or a shard object)."""
@@ -334,6 +342,10 @@ class FeatureCache:
             raise RsmtdfError(f"{self.url}: no stored parameters for sample {i} ('{self.ids[i]}') view {a} "
                               f"(its chunk was deleted); {repair_hint(self.url)}")
         return views
+
+    def valid_array(self) -> np.ndarray:
+        """(N, A) share of each stored view's crop that holds valid pixels."""
+        return self._read("valid", lambda: self.group["valid"][:])
 
     def views_of(self, i: int) -> list[View]:
         return [View.from_array(v) for v in self._read("views", lambda: self.group["views"][i])]

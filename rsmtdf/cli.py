@@ -33,28 +33,20 @@ def _env_int(*names: str) -> int | None:
 
 
 class Plan:
-    """What an extraction (or its estimate) is: recipe plus command-line overrides, resolved once."""
+    """What an extraction (or its estimate) is: recipe plus command-line overrides, resolved and
+    checked once, before any work."""
 
     def __init__(self, recipe: Path | None, root: Path | None, output: str | None, teacher: list[str] | None,
                  teacher_weights: list[str] | None, views: int | None, crop_size: int | None,
                  storage: str | None) -> None:
         from .recipe import load_recipe
 
-        self.recipe = load_recipe(recipe)
-        data, tconf = self.recipe["data"], self.recipe["teachers"]
-        if root is not None:
-            data["root"] = str(root)
-        if views is not None:
-            self.recipe["views"]["count"] = views
-        if crop_size is not None:
-            self.recipe["views"]["crop_size"] = crop_size
-        if teacher:
-            tconf["names"] = teacher
-        if storage is not None:
-            tconf["storage"] = storage
-        if tconf["storage"] not in ("float16", "int8"):
-            raise RsmtdfError(f"--storage {tconf['storage']}: choose float16 or int8")
-        self.output = output or f"cache/{data['dataset']}"
+        self.recipe = load_recipe(recipe).override(
+            {"data.root": None if root is None else str(root), "views.count": views, "views.crop_size": crop_size,
+             "teachers.names": teacher or None, "teachers.storage": storage},
+            origin={"data.root": "--root", "views.count": "--views", "views.crop_size": "--crop-size",
+                    "teachers.names": "--teacher", "teachers.storage": "--storage"})
+        self.output = output or f"cache/{self.recipe.data.dataset}"
         self.weights = {}
         for item in teacher_weights or []:
             name, sep, path = item.partition("=")
@@ -63,21 +55,21 @@ class Plan:
             self.weights[name] = path
 
     def dataset(self):
-        from .data import open_dataset
+        from .data import check_bands, open_dataset
 
-        data = self.recipe["data"]
-        return open_dataset(data["dataset"], data["root"], data["classes"])
+        data = self.recipe.data
+        dataset = open_dataset(data.dataset, data.root, list(data.classes))
+        check_bands(dataset, data.bands, self.recipe.where("data.bands"))
+        return dataset
 
     def spec(self):
-        from .recipe import view_spec
-
-        return view_spec(self.recipe)
+        return self.recipe.view_spec()
 
     def teachers(self):
         from .teachers import build_teachers
 
-        t = self.recipe["teachers"]
-        return build_teachers(t["names"], self.weights, sizes=t["sizes"])
+        t = self.recipe.teachers
+        return build_teachers(list(t.names), self.weights, sizes=t.sizes)
 
 
 @app.command("extract-features")
@@ -110,17 +102,24 @@ def extract_features(
     import torch
 
     from .extract import extract
+    from .recipe import at_least, check_option
 
     plan = Plan(recipe, root, output, teacher, teacher_weights, views, crop_size, storage)
+    plan.recipe.check_for_student(training=False)
+    check_option("--shard-samples", shard_samples, int, at_least(1))
+    check_option("--shard-index", shard_index, int, at_least(0))
+    check_option("--num-shards", num_shards, int, at_least(1))
+    check_option("--batch-size", batch_size, int, at_least(1))
+    check_option("--workers", workers, int, at_least(0))
     index = shard_index if shard_index is not None else (_env_int("RANK", "SLURM_PROCID") or 0)
     count = num_shards if num_shards is not None else (_env_int("WORLD_SIZE", "SLURM_NTASKS") or 1)
     if device == "auto":
         local = _env_int("LOCAL_RANK", "SLURM_LOCALID") or 0
         device = f"cuda:{local}" if torch.cuda.is_available() else "cpu"
-    summary = extract(plan.dataset(), plan.recipe["data"]["splits"], plan.spec(), plan.teachers(), plan.output,
+    summary = extract(plan.dataset(), plan.recipe.data.splits, plan.spec(), plan.teachers(), plan.output,
                       shard_samples=shard_samples, shard_index=index, num_shards=count, batch_size=batch_size,
-                      num_workers=workers, storage=plan.recipe["teachers"]["storage"], device=device,
-                      bands=tuple(plan.recipe["data"]["bands"]), max_value=plan.recipe["data"]["max_value"],
+                      num_workers=workers, storage=plan.recipe.teachers.storage, device=device,
+                      bands=plan.recipe.data.bands, max_value=plan.recipe.data.max_value,
                       repair=repair)
     typer.echo(summary.line())
 
@@ -155,7 +154,11 @@ def inspect_cache(
     from .report import estimate_size, format_cache
 
     if estimate:
+        from .recipe import at_least, check_option
+
+        check_option("--probe", probe, int, at_least(1))
         plan = Plan(recipe, root, path, teacher, teacher_weights, views, crop_size, storage)
+        plan.recipe.check_for_student(training=False)
         typer.echo(estimate_size(plan, probe=probe))
         return
     if path is None:
@@ -266,7 +269,7 @@ def make_splits_cmd(
     from .splits import make_splits, splits_sha256
 
     plan = Plan(recipe, root, None, None, None, None, None, None)
-    target = out or Path(plan.recipe["data"]["splits"])
+    target = out or Path(plan.recipe.data.splits)
     counts = make_splits(plan.dataset(), target, seed)
     typer.echo(", ".join(f"{k}: {v}" for k, v in counts.items()))
     typer.echo(f"wrote {len(counts)} lists to {target} (sha256 {splits_sha256(target)[:12]})")
@@ -287,7 +290,7 @@ def check_splits_cmd(
     from .splits import check_lists
 
     plan = Plan(recipe, root, None, None, None, None, None, None)
-    target = splits or Path(plan.recipe["data"]["splits"])
+    target = splits or Path(plan.recipe.data.splits)
     dataset = plan.dataset()
     counts = check_lists(target, dataset)
     typer.echo(", ".join(f"{k}: {v}" for k, v in counts.items()))
@@ -304,6 +307,8 @@ def train(
     teachers: Annotated[str, typer.Option("--teachers", help="cached, online or online-strong.")] = "cached",
     teacher_weights: TeacherWeights = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run from RUN/latest.pt.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Move an existing run in RUN aside (never deleted) and start afresh.")] = False,
+    new_schedule: Annotated[bool, typer.Option("--new-schedule", help="With --resume: accept a changed total schedule (steps, epochs, batch).")] = False,
     max_steps: Annotated[Optional[int], typer.Option(help="Stop the schedule after this many steps.")] = None,
     epochs: Annotated[Optional[int], typer.Option(help="Epochs (overrides the recipe).")] = None,
     batch_size: Annotated[Optional[int], typer.Option(help="Batch per process (overrides the recipe).")] = None,
@@ -314,7 +319,8 @@ def train(
 ) -> None:
     """Train the RS-MTDF student and fusion decoder semi-supervised from cached teacher targets.
 
-    The dataset, split lists and views come from the cache's attributes.
+    The dataset, split lists and views come from the cache's attributes. A run folder that holds a
+    run is never overwritten: continue it with --resume, or move it aside with --overwrite.
 
     Examples:
 
@@ -324,27 +330,38 @@ def train(
 
       rsmtdf train --cache cache/loveda --split 5pct --teachers online-strong   # the paper's code's semantics
     """
-    from .recipe import load_recipe
+    from .recipe import at_least, check_option, load_recipe
     from .train import Trainer, setup_distributed
 
-    r = load_recipe(recipe)
-    for key, value in (("max_steps", max_steps), ("epochs", epochs), ("batch_size", batch_size), ("lr", lr),
-                       ("workers", workers), ("seed", seed)):
-        if value is not None:
-            r["train"][key] = value
+    options = {"train.max_steps": "--max-steps", "train.epochs": "--epochs", "train.batch_size": "--batch-size",
+               "train.lr": "--lr", "train.workers": "--workers", "train.seed": "--seed"}
+    values = dict(zip(options, (max_steps, epochs, batch_size, lr, workers, seed)))
+    r = load_recipe(recipe).override(values, origin=options)
+    check_option("--checkpoint-every", checkpoint_every, int, at_least(0))
+    if resume and overwrite:
+        raise RsmtdfError("--resume --overwrite: choose one (continue the run, or move it aside and start afresh)")
+    if new_schedule and not resume:
+        raise RsmtdfError("--new-schedule: only with --resume (it accepts a resumed run's changed schedule)")
     if cache is None and recipe is None:
         raise RsmtdfError("train: give --cache, or a recipe (-r) with --teachers online to train without a cache")
     if recipe is None:  # no recipe: take what the cache was made with
         from .cache import FeatureCache
 
         a = FeatureCache.open(cache).attrs
-        r["data"]["dataset"], r["views"]["crop_size"] = a["dataset"]["name"], a["views"]["crop_size"]
-        r["teachers"]["names"] = [t["name"] for t in a["teachers"]]
-        r["data"]["splits"] = a["splits"]["dir"]
+        taken = {"data.dataset": a["dataset"]["name"], "views.crop_size": a["views"]["crop_size"],
+                 "teachers.names": [t["name"] for t in a["teachers"]], "data.splits": a["splits"]["dir"]}
+        r = r.override(taken, origin={k: f"{cache}: its {k} =" for k in taken})
+    r.check_for_student(training=True)
     device = setup_distributed()
     weights = Plan(None, None, None, None, teacher_weights, None, None, None).weights
-    run = run or Path(f"runs/{r['data']['dataset']}-{split}")
-    trainer = Trainer(cache, split, r, run, teachers, device, weights, resume, checkpoint_every)
+    run = run or Path(f"runs/{r.data.dataset}-{split}")
+    trainer = Trainer(cache, split, r, run, teachers, device, weights, resume, checkpoint_every,
+                      overwrite=overwrite, new_schedule=new_schedule)
+    if trainer.rank == 0:
+        if trainer.moved_aside is not None:
+            typer.echo(f"moved the run that was in {run} to {trainer.moved_aside}", err=True)
+        for note in trainer.notes:
+            typer.echo(note, err=True)
     result = trainer.fit()
     if trainer.rank == 0:
         typer.echo(f"trained {result['steps']} steps ({result['steps_per_s']:.2f} steps/s), last loss "
@@ -395,7 +412,7 @@ def evaluate_cmd(
     from .evaluate import evaluate_checkpoint, format_report
     from .recipe import load_recipe
 
-    section = load_recipe(recipe)["eval"] if recipe is not None else None
+    section = load_recipe(recipe).eval if recipe is not None else None
     folder = out.with_suffix("") if out else checkpoint.with_name(f"{checkpoint.stem}-{split}-{mode}-pictures")
     report = evaluate_checkpoint(checkpoint, split, mode, protocol, model, cache, section, folder, pictures)
     out = out or checkpoint.with_name(f"{checkpoint.stem}-{split}-{mode}-{report['protocol']['name']}.json")
@@ -419,13 +436,15 @@ def predict_cmd(
 
       rsmtdf predict scenes/*.tif --checkpoint runs/loveda-5pct/best.pt --out maps/
     """
+    from dataclasses import asdict
+
     from tqdm import tqdm
 
-    from .predict import predict_scene
+    from .predict import predict_scene  # reads the recipe's [data] as a dict (its rewrite is under way)
 
     net, ident, recipe, device = _trained(checkpoint, model, mode)
     for path in tqdm(images, desc="predict", unit="scene"):
-        predict_scene(net, path, out / f"{path.stem}.tif", recipe, ident["class_names"], ident["dataset"]["name"],
+        predict_scene(net, path, out / f"{path.stem}.tif", {"data": asdict(recipe.data)}, ident["class_names"], ident["dataset"]["name"],
                       device, mode)
     typer.echo(f"mapped {len(images)} scenes with {checkpoint} ({model}, {mode}) into {out}")
 

@@ -21,6 +21,10 @@ from rasterio.windows import Window
 from .errors import RsmtdfError
 
 IGNORE = 255
+# What networks see where a raster has no data (NaN or its nodata value), in [0, 1] RGB: the ImageNet
+# mean, which DINOv2, CLIP (fed ImageNet-normalised input, as the paper's code does) and the student
+# normalise to 0. Those pixels are also ignored (255) by every loss and metric.
+NODATA_FILL = (0.485, 0.456, 0.406)
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
 
 
@@ -92,13 +96,15 @@ DEEPGLOBE = ClassTable(  # index masks as DWL writes them: 0 = urban ... 6 = unk
 
 @dataclass
 class Sample:
-    """One tile: image H×W×C in the raster's dtype, mask H×W uint8 (255 = ignore), geo metadata."""
+    """One tile: image H×W×C in the raster's dtype, mask H×W uint8 (255 = ignore, also where the
+    image has no data), geo metadata, and `valid` (H×W bool; None when every pixel is valid)."""
 
     id: str
     image: np.ndarray
     mask: np.ndarray | None
     crs: str | None = None
     transform: tuple[float, ...] | None = None
+    valid: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -115,6 +121,11 @@ class Record:
 
 def read_raster(path: Path) -> tuple[np.ndarray, str | None, tuple[float, ...] | None]:
     """Whole raster as H×W×C plus CRS and affine; cached so the tiles of one scene decode it once."""
+    return read_raster_with_nodata(path)[:3]
+
+
+def read_raster_with_nodata(path: Path) -> tuple[np.ndarray, str | None, tuple[float, ...] | None, float | None]:
+    """`read_raster` plus the raster's declared nodata value (None if it declares none)."""
     try:
         st = path.stat()
     except OSError as exc:
@@ -123,7 +134,7 @@ def read_raster(path: Path) -> tuple[np.ndarray, str | None, tuple[float, ...] |
 
 
 @functools.lru_cache(maxsize=4)
-def _read_raster_cached(path: Path, mtime_ns: int, size: int) -> tuple[np.ndarray, str | None, tuple[float, ...] | None]:
+def _read_raster_cached(path: Path, mtime_ns: int, size: int):
     _check_png_end(path)
     try:
         with warnings.catch_warnings():
@@ -132,9 +143,19 @@ def _read_raster_cached(path: Path, mtime_ns: int, size: int) -> tuple[np.ndarra
                 data = src.read()
                 crs = src.crs.to_string() if src.crs else None
                 transform = tuple(src.transform)[:6] if src.crs else None
+                nodata = src.nodata
     except RasterioIOError as exc:
         raise RsmtdfError(f"{path}: unreadable image ({_first_line(exc)})") from None
-    return np.ascontiguousarray(data.transpose(1, 2, 0)), crs, transform
+    return np.ascontiguousarray(data.transpose(1, 2, 0)), crs, transform, nodata
+
+
+def valid_pixels(image: np.ndarray, nodata: float | None) -> np.ndarray | None:
+    """H×W bool: False where a band is NaN or where every band equals the raster's nodata value
+    (GDAL's per-dataset mask); None when every pixel is valid."""
+    invalid = np.isnan(image).any(axis=2) if np.issubdtype(image.dtype, np.floating) else np.zeros(image.shape[:2], bool)
+    if nodata is not None and not np.isnan(nodata):
+        invalid |= (image == nodata).all(axis=2)
+    return ~invalid if invalid.any() else None
 
 
 def _check_png_end(path: Path) -> None:
@@ -167,6 +188,21 @@ def raster_shape(path: Path) -> tuple[int, int]:
                 return src.height, src.width
     except RasterioIOError as exc:
         raise RsmtdfError(f"{path}: unreadable image ({_first_line(exc)})") from None
+
+
+def check_bands(dataset: SegmentationDataset, bands: tuple[int, ...], where: str) -> None:
+    """Refuse band indices a raster of the dataset does not have, from the headers alone, before any
+    cache is made (single-band rasters are shown as grey and take any `bands`)."""
+    for path in dict.fromkeys(r.image for r in dataset.records):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", NotGeoreferencedWarning)
+                with rasterio.open(path) as src:
+                    count = src.count
+        except RasterioIOError as exc:
+            raise RsmtdfError(f"{path}: unreadable image ({_first_line(exc)})") from None
+        if count > 1 and max(bands) >= count:
+            raise RsmtdfError(f"{where}: {path} has {count} bands, so band indices go from 0 to {count - 1}")
 
 
 class SegmentationDataset:
@@ -249,7 +285,7 @@ class SegmentationDataset:
     def load(self, i: int, with_mask: bool = True) -> Sample:
         """Read tile i: image and (checked, decoded) mask, cut to the tile's window."""
         r = self.records[i]
-        image, crs, transform = read_raster(r.image)
+        image, crs, transform, nodata = read_raster_with_nodata(r.image)
         mask = None
         if with_mask and r.mask is not None:
             raw, _, _ = read_raster(r.mask)
@@ -264,7 +300,10 @@ class SegmentationDataset:
             mask = None if mask is None else mask[row : row + size, col : col + size]
             if transform is not None:
                 transform = tuple(rasterio.windows.transform(Window(col, row, size, size), rasterio.Affine(*transform)))[:6]
-        return Sample(r.id, np.array(image), mask, crs, transform)  # a copy: the decoded scene is cached
+        valid = valid_pixels(image, nodata)
+        if valid is not None and mask is not None:
+            mask = np.where(valid, mask, IGNORE).astype(np.uint8)
+        return Sample(r.id, np.array(image), mask, crs, transform, valid)  # a copy: the decoded scene is cached
 
     def size_of(self, i: int) -> tuple[int, int]:
         """(height, width) of tile i, from its window or the raster's header: views need no pixels."""
@@ -356,14 +395,21 @@ def open_dataset(name: str, root: str | Path, class_names: list[str] | None = No
     return DATASETS[name](root)
 
 
-def to_unit_rgb(image: np.ndarray, bands: tuple[int, int, int] = (0, 1, 2), max_value: float | None = None) -> np.ndarray:
+def to_unit_rgb(image: np.ndarray, bands: tuple[int, int, int] = (0, 1, 2), max_value: float | None = None,
+                valid: np.ndarray | None = None) -> np.ndarray:
     """H×W×C raster → H×W×3 float32 in [0, 1], the input every teacher and student expects.
 
     Single-band rasters are repeated to three channels; `max_value` defaults to the dtype's range.
+    Pixels outside `valid` (a Sample's) and NaN pixels become NODATA_FILL, so no NaN reaches a network.
     """
     if image.shape[2] == 1:
         image = np.repeat(image, 3, axis=2)
         bands = (0, 1, 2)
     if max_value is None:
         max_value = float(np.iinfo(image.dtype).max) if np.issubdtype(image.dtype, np.integer) else 1.0
-    return np.clip(image[..., list(bands)].astype(np.float32) / max_value, 0.0, 1.0)
+    rgb = np.clip(image[..., list(bands)].astype(np.float32) / max_value, 0.0, 1.0)
+    invalid = np.isnan(rgb).any(axis=2)
+    if valid is not None:
+        invalid |= ~valid
+    rgb[invalid] = NODATA_FILL
+    return rgb

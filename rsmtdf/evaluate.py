@@ -20,6 +20,7 @@ from .data import SegmentationDataset, to_unit_rgb
 from .errors import RsmtdfError
 from .metrics import ConfusionMatrix
 from .plots import palette, prediction_picture
+from .recipe import EvalConfig
 
 MODES = ("whole", "sliding")
 WHOLE = ("pad", "resize")
@@ -45,13 +46,13 @@ PROTOCOLS = {
 }
 
 
-def resolve_protocol(name: str, eval_section: dict, class_names: list[str], where: str = "recipe [eval]") -> tuple[Protocol, list[int]]:
+def resolve_protocol(name: str, eval_section: EvalConfig, class_names: list[str], where: str = "recipe [eval]") -> tuple[Protocol, list[int]]:
     """The protocol `name` and the class indices it scores, from the recipe's `[eval]` section:
     `scored_classes` for ours, `reference_scored_classes` for the reference's ([] = all)."""
     if name not in PROTOCOLS:
         raise RsmtdfError(f"--protocol {name}: choose one of {', '.join(PROTOCOLS)}")
     key = "reference_scored_classes" if name == "reference" else "scored_classes"
-    names = list(eval_section.get(key) or [])
+    names = list(getattr(eval_section, key))
     unknown = [n for n in names if n not in class_names]
     if unknown:
         raise RsmtdfError(f"{where} {key}: '{unknown[0]}' is not a class of this model ({', '.join(class_names)})")
@@ -111,7 +112,7 @@ def evaluate(model: nn.Module, dataset: SegmentationDataset, ids: list[str], num
     for sid in tqdm(ids[rank::world], desc="evaluate", unit="tile", leave=False, dynamic_ncols=True,
                     disable=not progress or rank != 0):
         sample = dataset.load(dataset.index(sid))
-        x = torch.from_numpy(to_unit_rgb(sample.image, bands, max_value)).permute(2, 0, 1)[None].to(device)
+        x = torch.from_numpy(to_unit_rgb(sample.image, bands, max_value, sample.valid)).permute(2, 0, 1)[None].to(device)
         pred = predict(model, x, mode, crop, model.patch, protocol.whole, protocol.sliding).argmax(1)
         cm.update(pred, torch.from_numpy(sample.mask).long()[None].to(device))
         if pictures is not None and drawn < num_pictures:
@@ -125,7 +126,7 @@ def evaluate(model: nn.Module, dataset: SegmentationDataset, ids: list[str], num
 
 
 def evaluate_checkpoint(checkpoint: Path, split: str = "test", mode: str = "whole", protocol: str | None = None,
-                        model: str | None = None, cache: str | None = None, eval_section: dict | None = None,
+                        model: str | None = None, cache: str | None = None, eval_section: EvalConfig | None = None,
                         pictures: Path | None = None, num_pictures: int = 0) -> dict:
     """Score both models of a checkpoint (student and EMA) on a split list under a protocol; the
     report (strict JSON) leads with the protocol's headline model, or `model` when given.
@@ -146,8 +147,8 @@ def evaluate_checkpoint(checkpoint: Path, split: str = "test", mode: str = "whol
     nets = {which: load_trained(checkpoint, which) for which in ("student", "ema")}
     _, ident, recipe = nets["student"]
     names = list(ident["class_names"])
-    section = eval_section if eval_section is not None else recipe.get("eval", {})
-    proto, scored = resolve_protocol(protocol or section.get("protocol", "rsmtdf"), section, names)
+    section = eval_section if eval_section is not None else recipe.eval
+    proto, scored = resolve_protocol(protocol or section.protocol, section, names)
     headline = model or proto.model
     ds, splits = ident["dataset"], ident["splits"]["dir"]
     if cache is not None:
@@ -164,7 +165,7 @@ def evaluate_checkpoint(checkpoint: Path, split: str = "test", mode: str = "whol
     for which in (headline, "ema" if headline == "student" else "student"):
         net = nets[which][0].to(device)
         results[which] = evaluate(net, dataset, ids, len(names), device, mode, ident["model"]["crop_size"],
-                                  tuple(recipe["data"]["bands"]), recipe["data"]["max_value"],
+                                  recipe.data.bands, recipe.data.max_value,
                                   pictures if which == headline else None, num_pictures, proto, scored)
     main = results[headline]
     report = {"checkpoint": str(checkpoint), "split": split, "mode": mode,

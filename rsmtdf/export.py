@@ -17,6 +17,7 @@ from torch import nn
 from .errors import RsmtdfError
 from .model import Student
 from .predict import load_trained
+from .recipe import Recipe
 
 FORMATS = {"safetensors": ".safetensors", "onnx": ".onnx"}
 SIDECAR_FORMAT = "rsmtdf-export-1"
@@ -39,23 +40,23 @@ class Logits(nn.Module):
         return self.net(image).logits
 
 
-def describe(net: Student, identity: dict, recipe: dict, weights: str, checkpoint: Path, file: Path) -> dict:
+def describe(net: Student, identity: dict, recipe: Recipe, weights: str, checkpoint: Path, file: Path) -> dict:
     """The sidecar: enough to rebuild the model and to feed it the pixels it was trained on."""
     cfg = net.config
-    data = recipe["data"]
+    data = recipe.data
     return {
         "format": SIDECAR_FORMAT, "file": file.name, "weights": weights, "checkpoint": str(checkpoint),
         "model": cfg, "classes": identity["class_names"], "dataset": identity["dataset"]["name"],
         "input": {
             "layout": f"(batch, 3, height, width) float32; height and width multiples of {net.patch}",
-            "bands": list(data["bands"]), "max_value": data["max_value"],
+            "bands": list(data.bands), "max_value": data.max_value,
             "scaling": "raster bands picked by `bands`, divided by `max_value` (the dtype's range when null), "
                        "clipped to [0, 1]",
             "normalisation": {"mean": cfg.get("input_mean", [0.0, 0.0, 0.0]), "std": cfg.get("input_std", [1.0, 1.0, 1.0]),
                               "applied_by": "the model"},
         },
         "output": "logits (batch, classes, height, width); argmax over classes is the class map",
-        "identity": identity, "recipe": recipe,
+        "identity": identity, "recipe": recipe.to_dict(),
     }
 
 
@@ -105,7 +106,7 @@ def _write_onnx(net: Student, path: Path) -> None:
                       output_names=["logits"], dynamic_shapes=dynamic, external_data=False, verbose=False)
 
 
-def load_model(path: str | Path, which: str = "ema") -> tuple[Student, dict, dict]:
+def load_model(path: str | Path, which: str = "ema") -> tuple[Student, dict, Recipe]:
     """(model, identity, recipe) of a safetensors export (`which` does not apply: an export holds one
     model, named in its sidecar) or of a checkpoint (`which`: "ema" or "student")."""
     path = Path(path)
@@ -127,9 +128,9 @@ def load_model(path: str | Path, which: str = "ema") -> tuple[Student, dict, dic
         state = load_file(str(path))
     except (FileNotFoundError, SafetensorError, OSError) as exc:
         raise RsmtdfError(f"{path}: not a readable safetensors file ({type(exc).__name__})") from None
-    net = Student.from_config(meta["model"])
+    net = Student.from_config(meta["model"], source=side)
     try:
         net.load_state_dict(state)
     except RuntimeError:
         raise RsmtdfError(f"{path}: weights do not fit the model its sidecar describes") from None
-    return net.eval(), meta["identity"], meta["recipe"]
+    return net.eval(), meta["identity"], Recipe.from_dict(meta["recipe"], f"{side} (its recipe)")

@@ -32,7 +32,7 @@ from .cache import FeatureCache, TeacherLayout, is_url, expected_attrs, ids_sha2
 from .data import SegmentationDataset, to_unit_rgb
 from .errors import RsmtdfError
 from .teachers import Teacher
-from .views import ViewSpec, render_views
+from .views import ViewSpec, render_views, valid_fraction
 
 SHARD_BYTES = 256e6
 
@@ -48,6 +48,7 @@ class ExtractSummary:
     missing: list[int]
     repaired: list[int] | None = None
     repaired_ids: bool = False
+    empty: int = 0  # samples of this run with no valid pixel in any view (training leaves them out)
 
     def line(self) -> str:
         rate = self.samples / self.seconds if self.seconds > 0 else 0.0
@@ -56,11 +57,14 @@ class ExtractSummary:
         repaired = "" if self.repaired is None else f"repaired {ids}{len(self.repaired)} damaged shards {self.repaired[:20]}; "
         return (f"{repaired}extracted {self.samples} samples × {self.views} views in {self.seconds:.1f} s "
                 f"({rate:.2f} samples/s), wrote {self.bytes_written / 1e6:.1f} MB; shards done {self.shards_done}, "
-                f"skipped {self.shards_skipped}; cache {state}")
+                f"skipped {self.shards_skipped}; cache {state}"
+                + (f"; {self.empty} tiles have no valid pixels (NaN/nodata) and are left out of training"
+                   if self.empty else ""))
 
 
 class ViewSource(Dataset):
-    """Sample i → (i, view params (A, 5), rendered views (A, 3, crop, crop)), errors as one line."""
+    """Sample i → (i, view params (A, 5), rendered views (A, 3, crop, crop), valid shares (A,)),
+    errors as one line."""
 
     def __init__(self, dataset: SegmentationDataset, indices: list[int], spec: ViewSpec,
                  bands: tuple[int, int, int] = (0, 1, 2), max_value: float | None = None) -> None:
@@ -77,11 +81,12 @@ class ViewSource(Dataset):
             return str(exc)
         h, w = sample.image.shape[:2]
         views = self.spec.sample(sample.id, h, w)
-        rgb = to_unit_rgb(sample.image, self.bands, self.max_value)
+        rgb = to_unit_rgb(sample.image, self.bands, self.max_value, sample.valid)
         params = np.stack([v.to_array() for v in views])
+        valid = valid_fraction(sample.valid, (h, w), views, self.spec.crop_size)
         with one_thread_per_op():  # a worker already runs one; the main process (--workers 0) must too
             crops = render_views(rgb, views, self.spec.crop_size)
-        return j, params, torch.from_numpy(crops)
+        return j, params, torch.from_numpy(crops), valid
 
 
 @contextmanager
@@ -109,20 +114,31 @@ class ViewTable:
     attrs: dict
     ids: list[str]
     views: np.ndarray
+    valid: np.ndarray
 
     def views_array(self) -> np.ndarray:
         return self.views
 
+    def valid_array(self) -> np.ndarray:
+        return self.valid
+
 
 def view_table(dataset: SegmentationDataset, splits_dir: str, spec: ViewSpec, teachers: list[Teacher]) -> ViewTable:
+    """The views and their valid shares (read from every sample's pixels, as extraction would)."""
     ids = dataset.ids_in("train")
     if not ids:
         raise RsmtdfError(f"{dataset.root}: no training samples")
-    views = np.stack([np.stack([v.to_array() for v in spec.sample(sid, *dataset.size_of(dataset.index(sid)))])
-                      for sid in ids])
+    drawn = [spec.sample(sid, *dataset.size_of(dataset.index(sid))) for sid in ids]
+    views = np.stack([np.stack([v.to_array() for v in vs]) for vs in drawn])
+    valid = np.stack([_valid_of(dataset, sid, vs, spec.crop_size) for sid, vs in zip(ids, drawn)])
     attrs = expected_attrs(dataset_attrs(dataset, ids), splits_mod.describe(splits_dir), spec.to_attrs(),
                            [t.spec() for t in teachers], "none")
-    return ViewTable(f"(no cache: views of {dataset.root})", {**attrs, "complete": True}, ids, views)
+    return ViewTable(f"(no cache: views of {dataset.root})", {**attrs, "complete": True}, ids, views, valid)
+
+
+def _valid_of(dataset: SegmentationDataset, sample_id: str, views: list, crop: int) -> np.ndarray:
+    sample = dataset.load(dataset.index(sample_id), with_mask=False)
+    return valid_fraction(sample.valid, sample.image.shape[:2], views, crop)
 
 
 def auto_shard_samples(spec: ViewSpec, teachers: list[Teacher], storage: str) -> int:
@@ -205,25 +221,27 @@ def _extract_shards(cache: FeatureCache, dataset: SegmentationDataset, ids: list
     source = ViewSource(dataset, [dataset.index(ids[i]) for i in order], spec, bands, max_value)
     loader = DataLoader(source, batch_size=None, num_workers=num_workers, prefetch_factor=4 if num_workers else None,
                         persistent_workers=False)
-    start, written, pending = time.perf_counter(), 0, None
+    start, written, pending, empty = time.perf_counter(), 0, None, 0
     bar = tqdm(total=len(order), unit="sample", desc=f"extract {cache.url}", disable=not progress, dynamic_ncols=True)
     items = iter(loader)
     try:  # close the bar even on an error, so the error line comes after it
         with ThreadPoolExecutor(max_workers=1) as writer:
             for k in todo:
                 r = cache.shard_range(k)
-                params, crops = [], []
+                params, crops, valid = [], [], []
                 for _ in r:
                     item = next(items)
                     if isinstance(item, str):
                         raise RsmtdfError(item)
                     params.append(item[1])
                     crops.append(item[2])
+                    valid.append(item[3])
                     bar.update(1)
                 targets = _run_teachers(teachers, torch.cat(crops), batch_size, device, len(r), spec.count)
+                empty += sum(int(v.max() == 0) for v in valid)
                 if pending is not None:
                     written += pending.result()
-                pending = writer.submit(cache.write_shard, k, np.stack(params), targets)
+                pending = writer.submit(cache.write_shard, k, np.stack(params), targets, np.stack(valid))
                 bar.set_postfix(shards=f"{todo.index(k) + 1}/{len(todo)}")
             if pending is not None:
                 written += pending.result()
@@ -233,7 +251,7 @@ def _extract_shards(cache: FeatureCache, dataset: SegmentationDataset, ids: list
     if not missing and not cache.attrs.get("complete"):
         cache.finalize()
     return ExtractSummary(len(order), spec.count, time.perf_counter() - start, written, len(todo),
-                          len(owned) - len(todo), missing)
+                          len(owned) - len(todo), missing, empty)
 
 
 def _disk_full(output: str, layouts: list[TeacherLayout], views: int, storage: str, owned: list[int],

@@ -13,16 +13,24 @@ from rasterio.errors import NotGeoreferencedWarning
 from .checkpoint import load_checkpoint
 from .data import DATASETS, read_raster, to_unit_rgb
 from .evaluate import predict
+from .errors import RsmtdfError
 from .model import Student
+from .recipe import Recipe, recipe_from_json
 from .plots import palette
 
 
-def load_trained(checkpoint: str | Path, which: str = "ema") -> tuple[Student, dict, dict]:
-    """(model, identity, recipe) of a checkpoint; `which` is "ema" or "student"."""
+def load_trained(checkpoint: str | Path, which: str = "ema") -> tuple[Student, dict, Recipe]:
+    """(model, identity, recipe) of a checkpoint; `which` is "ema" or "student". Weights that do not
+    fit the model its config describes (an edited or mixed-up file) are refused in one line."""
     ckpt = load_checkpoint(checkpoint)
-    net = Student.from_config(ckpt["identity"]["model"], source=checkpoint)
-    net.load_state_dict(ckpt[which])
-    return net.eval(), ckpt["identity"], json.loads(ckpt["recipe"])
+    try:
+        net = Student.from_config(ckpt["identity"]["model"], source=checkpoint)
+        net.load_state_dict(ckpt[which])
+    except (KeyError, TypeError, RuntimeError) as exc:
+        detail = " ".join(str(exc).split())[:200]
+        raise RsmtdfError(f"{checkpoint}: its {which} weights do not fit the model its config describes "
+                          f"({type(exc).__name__}: {detail})") from None
+    return net.eval(), ckpt["identity"], recipe_from_json(ckpt["recipe"], str(checkpoint))
 
 
 def predict_scene(net: Student, path: Path, out: Path, recipe: dict, class_names: list[str], dataset: str,

@@ -1,58 +1,406 @@
-"""Recipes: one TOML file per dataset/protocol under `pipeline/`, over defaults that are the paper's."""
+"""Recipes: one TOML file per dataset/protocol under `pipeline/`, over defaults that are the paper's.
+
+The schema is the section dataclasses below, read top to bottom: each field's annotation is the
+type a value must have (exactly: `2.7` is not an integer, `"no"` is not a boolean, a string is not
+a list), and its `rule` the range it must be in. A value is checked when a TOML file is read and
+when a command-line option overrides it (`Recipe.override`), so both fail in one line naming the
+file or option, the key, the value and what is allowed. `Recipe.check_for_student` adds the checks
+that need the student's encoder (a crop its patch divides; teacher sizes it can run at).
+
+A section is any frozen dataclass field of `Recipe`; adding one means adding a dataclass and a
+field, nothing else. `to_dict`/`from_dict` turn a recipe into plain JSON/TOML-able data and back,
+which is how caches and checkpoints carry it.
+"""
 
 from __future__ import annotations
 
-import copy
+import dataclasses
+import json
 import tomllib
+import types
+from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import Any, Callable, Literal, NamedTuple, Union, get_args, get_origin, get_type_hints
 
 from .errors import RsmtdfError
 from .views import ViewSpec
 
-DEFAULTS: dict = {
-    "data": {"dataset": "loveda", "root": "data/LoveDA", "splits": None, "classes": [], "bands": [0, 1, 2],
-             "max_value": None},
-    "views": {"count": 8, "crop_size": 518, "scale_range": [0.5, 2.0], "hflip": True, "rot90": False, "seed": 0},
-    "teachers": {"names": ["dinov2_vitb14", "clip_vitl14"], "storage": "float16", "sizes": {}},
-    "student": {"encoder": "vit_small_patch14_dinov2.lvd142m", "decoder": "small", "fusion_weights": [0.8, 0.1],
-                "translator_hidden": 1024, "pretrained": True, "kwargs": {}},
-    "train": {"epochs": 60, "batch_size": 8, "lr": 5e-6, "head_lr_multiplier": 40.0, "weight_decay": 0.01,
-              "poly_power": 0.9, "conf_thresh": 0.95, "ema_momentum": 0.996, "distill_loss": "mse",
-              "workers": 2, "eval_every": 1, "eval_mode": "whole", "seed": 0, "max_steps": None},
-    # `rsmtdf evaluate`: protocol "rsmtdf" or "reference" (the paper's code's); the class names each
-    # scores in its means ([] = all classes)
-    "eval": {"protocol": "rsmtdf", "scored_classes": [], "reference_scored_classes": []},
-}
+
+class Rule(NamedTuple):
+    """A range check on a value already of the right type; `says` completes "expected <type> ...". """
+
+    test: Callable[[Any], bool]
+    says: str
 
 
-def _merge(base: dict, over: dict, where: str = "") -> dict:
-    out = copy.deepcopy(base)
-    for key, value in over.items():
-        if key not in base:
-            raise RsmtdfError(f"{where}: unknown recipe key '{key}' (known: {', '.join(base)})")
-        out[key] = _merge(base[key], value, f"{where}.{key}") if isinstance(base[key], dict) and base[key] \
-            else value
+def at_least(n: float) -> Rule:
+    return Rule(lambda v: v >= n, f">= {n}")
+
+
+def above(n: float) -> Rule:
+    return Rule(lambda v: v > n, f"> {n}")
+
+
+PROBABILITY = Rule(lambda v: 0 <= v <= 1, "in [0, 1]")
+ORDERED_RANGE = Rule(lambda v: 0 < v[0] <= v[1], "[low, high] with 0 < low <= high")
+BAND_INDICES = Rule(lambda v: all(b >= 0 for b in v), "of band indices >= 0 (0 is the first band)")
+POSITIVE_SIZES = Rule(lambda v: all(s >= 1 for s in v.values()), "of sizes >= 1 px")
+NONEMPTY_UNIQUE = Rule(lambda v: len(v) > 0 and len(set(v)) == len(v), "that is non-empty and without repeats")
+
+
+def key(default: Any, rule: Rule | None = None, *, doc: str = "") -> Any:
+    """A recipe key: its default, an optional range rule and a one-line meaning."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"rule": rule, "doc": doc})
+    return field(default=default, metadata={"rule": rule, "doc": doc})
+
+
+# ---- the schema ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    dataset: Literal["loveda", "potsdam", "deepglobe", "folder"] = key("loveda")
+    root: str = key("data/LoveDA", doc="dataset folder")
+    splits: str | None = key(None, doc="split-list folder [default: pipeline/splits/<dataset>]")
+    classes: tuple[str, ...] = key((), doc="class names of a `folder` dataset (mask codes 0..K-1)")
+    bands: tuple[int, int, int] = key((0, 1, 2), BAND_INDICES, doc="raster bands shown as RGB")
+    max_value: float | None = key(None, above(0), doc="value of full brightness [default: the dtype's range]")
+
+
+@dataclass(frozen=True)
+class ViewsConfig:
+    count: int = key(8, at_least(1), doc="A stored views per sample")
+    crop_size: int = key(518, at_least(1), doc="view crop in pixels; a multiple of the student's patch")
+    scale_range: tuple[float, float] = key((0.5, 2.0), ORDERED_RANGE, doc="resize factors drawn from")
+    hflip: bool = key(True)
+    rot90: bool = key(False)
+    seed: int = key(0)
+
+
+@dataclass(frozen=True)
+class TeachersConfig:
+    names: tuple[str, ...] = key(("dinov2_vitb14", "clip_vitl14"), NONEMPTY_UNIQUE,
+                                 doc="registry names or timm:MODEL[@SIZE][/LAYER]")
+    storage: Literal["float16", "int8"] = key("float16")
+    sizes: dict[str, int] = key({}, POSITIVE_SIZES, doc="input size per teacher [default: the teacher's own]")
+
+
+@dataclass(frozen=True)
+class StudentConfig:
+    encoder: str = key("vit_small_patch14_dinov2.lvd142m", doc="a timm model name")
+    decoder: Literal["small", "base"] = key("small")
+    fusion_weights: tuple[float, float] = key((0.8, 0.1), doc="[self, teacher] weights of the fused feature")
+    translator_hidden: int = key(1024, at_least(1))
+    pretrained: bool | str = key(True, doc="true, false or a weights file")
+    kwargs: dict[str, Any] = key({}, doc="extra timm.create_model arguments")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = key(60, at_least(1))
+    batch_size: int = key(8, at_least(1), doc="per process")
+    lr: float = key(5e-6, above(0), doc="encoder learning rate")
+    head_lr_multiplier: float = key(40.0, above(0))
+    weight_decay: float = key(0.01, at_least(0))
+    poly_power: float = key(0.9, at_least(0))
+    conf_thresh: float = key(0.95, PROBABILITY)
+    ema_momentum: float = key(0.996, PROBABILITY)
+    distill_loss: Literal["mse", "cosine"] = key("mse")
+    workers: int = key(2, at_least(0), doc="loader processes per rank")
+    eval_every: int = key(1, at_least(1), doc="epochs between evaluations")
+    eval_mode: Literal["whole", "sliding"] = key("whole")
+    seed: int = key(0)
+    max_steps: int | None = key(None, at_least(1), doc="stop the schedule after this many steps")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    protocol: Literal["rsmtdf", "reference"] = key("rsmtdf", doc="`rsmtdf evaluate`'s protocol; `--protocol` overrides")
+    scored_classes: tuple[str, ...] = key((), doc="classes in the means under `rsmtdf` ([] = all)")
+    reference_scored_classes: tuple[str, ...] = key((), doc="classes the reference's eval script scores ([] = all)")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A whole recipe: one frozen section per TOML table, plus where each value came from."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    views: ViewsConfig = field(default_factory=ViewsConfig)
+    teachers: TeachersConfig = field(default_factory=TeachersConfig)
+    student: StudentConfig = field(default_factory=StudentConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    source: str = field(default="recipe defaults", compare=False)
+    origins: dict[str, str] = field(default_factory=dict, compare=False)  # "views.count" -> "--views"
+
+    # -- reading and writing --
+
+    @classmethod
+    def from_dict(cls, data: Any, source: str) -> Recipe:
+        """Check every value of `data` (TOML tables) against the schema; unknown keys are refused."""
+        if not isinstance(data, dict):
+            raise RsmtdfError(f"{source}: expected a table of recipe sections")
+        sections = _sections()
+        for name in data:
+            if name not in sections:
+                raise RsmtdfError(f"{source}: unknown recipe section [{name}] (known: {', '.join(sections)})")
+        parts = {}
+        for name, section_cls in sections.items():
+            given = data.get(name, {})
+            if not isinstance(given, dict):
+                raise RsmtdfError(f"{source}: {name} = {_show(given)}: expected a [{name}] table")
+            known = {f.name for f in fields(section_cls)}
+            for k in given:
+                if k not in known:
+                    raise RsmtdfError(f"{source}: [{name}] {k}: unknown key (known: {', '.join(sorted(known))})")
+            hints = get_type_hints(section_cls)
+            parts[name] = section_cls(**{k: _checked(v, hints[k], _rule(section_cls, k), f"{source}: [{name}] {k}")
+                                         for k, v in given.items()})
+        recipe = cls(**parts, source=source)
+        if recipe.data.splits is None:
+            recipe = dataclasses.replace(recipe, data=dataclasses.replace(
+                recipe.data, splits=f"pipeline/splits/{recipe.data.dataset}"))
+        return recipe.check()
+
+    def to_dict(self) -> dict:
+        """Plain data (lists, dicts, no None: TOML has no null) that `from_dict` reads back."""
+        out = {}
+        for name in _sections():
+            d = dataclasses.asdict(getattr(self, name))
+            out[name] = {k: list(v) if isinstance(v, tuple) else v for k, v in d.items() if v is not None}
+        return out
+
+    # -- overrides --
+
+    def override(self, values: dict[str, Any], origin: dict[str, str] | None = None) -> Recipe:
+        """A copy with `"section.key": value` pairs replaced (None values skipped), each checked as a
+        file value is; `origin` names the option that gave each key, for the error line."""
+        recipe, origin = self, origin or {}
+        for dotted, value in values.items():
+            if value is None:
+                continue
+            name, _, k = dotted.partition(".")
+            section = getattr(recipe, name) if name in _sections() else None
+            if section is None or k not in {f.name for f in fields(section)}:
+                raise RsmtdfError(f"{origin.get(dotted, f'--set {dotted}')}: unknown recipe key '{dotted}'")
+            where = f"{origin[dotted]} {_as_typed(value)}" if dotted in origin else f"--set {dotted}={_show(value)}"
+            hints = get_type_hints(type(section))
+            checked = _checked(value, hints[k], _rule(type(section), k), where, option=True)
+            recipe = dataclasses.replace(recipe, **{name: dataclasses.replace(section, **{k: checked})},
+                                         origins={**recipe.origins, dotted: where})
+        return recipe.check()
+
+    def where(self, dotted: str) -> str:
+        """How an error names a key: the option that set it, or the file and the key = value."""
+        name, _, k = dotted.partition(".")
+        value = getattr(getattr(self, name), k)
+        if dotted in self.origins:
+            return self.origins[dotted]
+        return f"{self.source}: [{name}] {k} = {_show(value)}"
+
+    # -- checks across keys --
+
+    def check(self) -> Recipe:
+        """Checks that involve more than one value or a registry; returns self."""
+        from .teachers import teacher_config
+
+        for name in self.teachers.names:
+            try:
+                teacher_config(name)
+            except RsmtdfError as exc:
+                raise RsmtdfError(f"{self.where('teachers.names')}: {exc}") from None
+        if self.data.dataset == "folder" and not self.data.classes:
+            raise RsmtdfError(f"{self.where('data.classes')}: dataset 'folder' needs its class names")
+        return self
+
+    def teacher_sizes(self) -> dict[str, int]:
+        """Each teacher's input size: the recipe's `sizes`, else the teacher's own."""
+        from .teachers import teacher_config
+
+        return {n: self.teachers.sizes.get(n) or teacher_config(n).input_size for n in self.teachers.names}
+
+    def check_for_student(self, training: bool) -> Recipe:
+        """The crop must be a multiple of the student's patch (a ViT refuses other sizes); when
+        training, each teacher's input size too (the student runs a pass at it). Returns self."""
+        patch, is_vit = student_patch(self)
+        crop = self.views.crop_size
+        if crop % patch:
+            raise RsmtdfError(f"{self.where('views.crop_size')}: expected a multiple of the student's patch {patch} "
+                              f"({self.student.encoder}), e.g. {max(patch, crop // patch * patch)}")
+        if training and is_vit:
+            for name, size in self.teacher_sizes().items():
+                if size != crop and size % patch:
+                    raise RsmtdfError(f"{self.where('teachers.sizes')}: teacher '{name}' runs at {size} px, which the "
+                                      f"student's patch {patch} does not divide (the student runs a pass at it)")
+        return self
+
+    def view_spec(self) -> ViewSpec:
+        v = self.views
+        return ViewSpec(v.count, v.crop_size, tuple(v.scale_range), v.hflip, v.rot90, v.seed)
+
+
+def student_patch(recipe: Recipe) -> tuple[int, bool]:
+    """(patch, is_vit) of the recipe's student encoder, from the architecture built on the meta
+    device (no weights, no memory): a CNN's patch is its deepest stride."""
+    import timm
+    import torch
+    from timm.models import is_model_in_modules
+
+    from .model import CNN_STRIDES
+
+    st = recipe.student
+    if not timm.is_model(st.encoder):
+        raise RsmtdfError(f"{recipe.where('student.encoder')}: expected a timm model name (timm has no such model)")
+    is_vit = is_model_in_modules(st.encoder, ["vision_transformer"])
+    if not is_vit:
+        return CNN_STRIDES[-1], False
+    try:
+        with torch.device("meta"):
+            model = timm.create_model(st.encoder, pretrained=False, **st.kwargs)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise RsmtdfError(f"{recipe.where('student.kwargs')}: timm cannot build '{st.encoder}' with them "
+                          f"({str(exc).splitlines()[0]})") from None
+    return int(model.patch_embed.patch_size[0]), True
+
+
+def check_option(option: str, value: Any, tp: Any, rule: Rule | None = None) -> Any:
+    """A command-line option that is no recipe key, checked the same way (e.g. --shard-samples)."""
+    return None if value is None else _checked(value, tp, rule, f"{option} {_as_typed(value)}", option=True)
+
+
+def load_recipe(path: str | Path | None) -> Recipe:
+    """The recipe at `path` (defaults for keys it leaves out), checked; None gives the defaults."""
+    if path is None:
+        return Recipe.from_dict({}, "recipe defaults")
+    path = Path(path)
+    try:
+        data = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise RsmtdfError(f"{path}: recipe not found") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise RsmtdfError(f"{path}: not valid TOML ({exc})") from None
+    return Recipe.from_dict(data, str(path))
+
+
+def recipe_from_json(text: str, source: str) -> Recipe:
+    """A recipe stored in a checkpoint (JSON of `to_dict`), checked like a file."""
+    try:
+        data = json.loads(text)
+    except (TypeError, ValueError):
+        raise RsmtdfError(f"{source}: its recipe is not readable JSON") from None
+    return Recipe.from_dict(data, f"{source} (its recipe)")
+
+
+# ---- checking one value against its annotation ---------------------------------------------------------
+
+
+def _sections() -> dict[str, type]:
+    hints = get_type_hints(Recipe)
+    return {f.name: hints[f.name] for f in fields(Recipe) if dataclasses.is_dataclass(hints[f.name])}
+
+
+def _rule(section_cls: type, name: str) -> Rule | None:
+    return next(f.metadata.get("rule") for f in fields(section_cls) if f.name == name)
+
+
+class _Mismatch(Exception):
+    pass
+
+
+def _checked(value: Any, tp: Any, rule: Rule | None, where: str, option: bool = False) -> Any:
+    """`value` in the annotation's canonical form (lists as tuples, integers as floats where a number
+    is asked), or one error line: "<where>: expected <type> <rule>"."""
+    shown = where if option else f"{where} = {_show(value)}"
+    try:
+        out = _conform(value, tp)
+    except _Mismatch:
+        out = _Mismatch
+    if out is _Mismatch or (rule is not None and out is not None and not rule.test(out)):
+        raise RsmtdfError(f"{shown}: expected {_describe(tp)}{' ' + rule.says if rule else ''}")
     return out
 
 
-def load_recipe(path: str | Path | None) -> dict:
-    """The recipe at `path` merged over DEFAULTS; `splits` defaults to pipeline/splits/<dataset>."""
-    recipe: dict = {}
-    if path is not None:
-        path = Path(path)
-        try:
-            recipe = tomllib.loads(path.read_text())
-        except FileNotFoundError:
-            raise RsmtdfError(f"{path}: recipe not found") from None
-        except tomllib.TOMLDecodeError as exc:
-            raise RsmtdfError(f"{path}: not valid TOML ({exc})") from None
-    merged = _merge(DEFAULTS, recipe, str(path or "recipe"))
-    if merged["data"]["splits"] is None:
-        merged["data"]["splits"] = f"pipeline/splits/{merged['data']['dataset']}"
-    return merged
+def _conform(value: Any, tp: Any) -> Any:
+    origin, args = get_origin(tp), get_args(tp)
+    if tp is Any:
+        return value
+    if origin is Literal:
+        if any(type(value) is type(a) and value == a for a in args):
+            return value
+        raise _Mismatch
+    if origin in (Union, types.UnionType):
+        for arg in args:
+            try:
+                return _conform(value, arg)
+            except _Mismatch:
+                pass
+        raise _Mismatch
+    if tp is type(None):
+        if value is None:
+            return None
+        raise _Mismatch
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise _Mismatch
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise _Mismatch
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise _Mismatch
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise _Mismatch
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise _Mismatch
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_conform(v, args[0]) for v in value)
+        if len(value) != len(args):
+            raise _Mismatch
+        return tuple(_conform(v, a) for v, a in zip(value, args))
+    if origin is dict:
+        if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+            raise _Mismatch
+        return {k: _conform(v, args[1]) for k, v in value.items()}
+    raise TypeError(f"recipe schema: unsupported annotation {tp!r}")  # a bug in this file, not input
 
 
-def view_spec(recipe: dict) -> ViewSpec:
-    v = recipe["views"]
-    return ViewSpec(int(v["count"]), int(v["crop_size"]), tuple(v["scale_range"]), bool(v["hflip"]),
-                    bool(v["rot90"]), int(v["seed"]))
+_WORDS = {int: "an integer", float: "a number", bool: "true or false", str: "a string", type(None): "nothing"}
+_PLURAL = {int: "integers", float: "numbers", bool: "booleans", str: "strings"}
+
+
+def _describe(tp: Any) -> str:
+    origin, args = get_origin(tp), get_args(tp)
+    if tp in _WORDS:
+        return _WORDS[tp]
+    if origin is Literal:
+        return "one of " + ", ".join(json.dumps(a) for a in args)
+    if origin in (Union, types.UnionType):
+        return " or ".join(_describe(a) for a in args if a is not type(None))
+    if origin is tuple:
+        if len(args) == 2 and args[1] is Ellipsis:
+            return f"a list of {_PLURAL.get(args[0], 'values')}"
+        return f"a list of {len(args)} {_PLURAL.get(args[0], 'values')}"
+    if origin is dict:
+        return "a table" if args[1] is Any else f"a table of {_PLURAL.get(args[1], 'values')}"
+    return str(tp)
+
+
+def _show(value: Any) -> str:
+    """A value as it reads in TOML (strings quoted, true/false, lists in brackets)."""
+    if isinstance(value, dict):
+        return "{ " + ", ".join(f"{k} = {_show(v)}" for k, v in value.items()) + " }" if value else "{}"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_show(v) for v in value) + "]"
+    return json.dumps(value) if isinstance(value, (str, bool)) or value is None else str(value)
+
+
+def _as_typed(value: Any) -> str:
+    """An option's value as the user typed it (a repeated option's values space-separated)."""
+    return " ".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)

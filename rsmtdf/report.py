@@ -63,18 +63,18 @@ def estimate_size(plan, probe: int = 4) -> str:
     dataset = plan.dataset()
     spec, teachers = plan.spec(), plan.teachers()
     n = len(dataset.ids_in("train"))
-    storage = plan.recipe["teachers"]["storage"]
+    storage = plan.recipe.teachers.storage
     per_sample_raw = raw_bytes_per_sample([TeacherLayout(t.name, t.num_tokens, t.dim) for t in teachers], spec.count,
                                           storage)
     k = max(1, min(probe, n))
     ids = dataset.ids_in("train")
     subset = dataset.subset([ids[int(j)] for j in np.linspace(0, n - 1, k).round()])  # spread over domains
     with tempfile.TemporaryDirectory() as tmp:
-        extract(subset, plan.recipe["data"]["splits"], spec, teachers, str(Path(tmp) / "probe"),
+        extract(subset, plan.recipe.data.splits, spec, teachers, str(Path(tmp) / "probe"),
                 shard_samples=k, num_workers=0, storage=storage, progress=False)
         probe_cache = FeatureCache.open(str(Path(tmp) / "probe"))
         per_sample_disk = sum(probe_cache.bytes_stored(t.name) for t in teachers) / k
-    lines = [f"estimate  {plan.recipe['data']['dataset']}: {n} training samples × {spec.count} views, "
+    lines = [f"estimate  {plan.recipe.data.dataset}: {n} training samples × {spec.count} views, "
              f"crop {spec.crop_size}, {storage}"]
     for t in teachers:
         lines.append(f"  {t.name:<16} {t.num_tokens} tokens × {t.dim} per view")

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from .plots import plot_curves
+from .recipe import Recipe
 
 PICTURES = 4  # validation tiles pictured per model and evaluation
 
@@ -22,14 +23,14 @@ PICTURES = 4  # validation tiles pictured per model and evaluation
 class RunLog:
     """Appends to RUN/metrics.jsonl and writes TensorBoard events into RUN; one per run, on rank 0."""
 
-    def __init__(self, run_dir: Path, recipe: dict, class_names: list[str]) -> None:
+    def __init__(self, run_dir: Path, recipe: Recipe, class_names: list[str]) -> None:
         from torch.utils.tensorboard import SummaryWriter  # imported here: tensorboard loads slowly
 
         self.run_dir, self.class_names = Path(run_dir), list(class_names)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.jsonl = open(self.run_dir / "metrics.jsonl", "a")
         self.writer = SummaryWriter(str(self.run_dir))
-        self.writer.add_text("recipe", "```json\n" + json.dumps(recipe, indent=2) + "\n```", 0)
+        self.writer.add_text("recipe", "```json\n" + json.dumps(recipe.to_dict(), indent=2) + "\n```", 0)
 
     def pictures_dir(self, step: int, model: str) -> Path:
         """Where `evaluate(pictures=...)` draws this evaluation's tiles for `model`."""

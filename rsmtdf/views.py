@@ -107,3 +107,10 @@ def apply_view(array: np.ndarray, view: View, crop_size: int) -> np.ndarray:
 def render_views(image: np.ndarray, views: list[View], crop_size: int) -> np.ndarray:
     """A sample's views as a (A, C, crop, crop) float32 batch, the layout models take."""
     return np.stack([apply_view(image, v, crop_size).transpose(2, 0, 1) for v in views])
+
+
+def valid_fraction(valid: np.ndarray | None, shape: tuple[int, int], views: list[View], crop_size: int) -> np.ndarray:
+    """(A,) float32: the share of each view's crop covered by valid pixels of the sample (`valid`
+    H×W bool, None: all valid); padding counts as not valid. 0 means the view shows no data."""
+    marks = np.ones(shape, np.uint8) if valid is None else valid.astype(np.uint8)
+    return np.array([(apply_view(marks, v, crop_size) == 1).mean() for v in views], dtype=np.float32)

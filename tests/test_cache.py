@@ -20,7 +20,7 @@ from conftest import ROOT, run_cli, write_recipe
 from rsmtdf.cache import FeatureCache
 from rsmtdf.data import open_dataset, to_unit_rgb
 from rsmtdf.extract import extract
-from rsmtdf.recipe import load_recipe, view_spec
+from rsmtdf.recipe import load_recipe
 from rsmtdf.splits import make_splits
 from rsmtdf.teachers import build_teachers
 from rsmtdf.views import apply_view
@@ -28,10 +28,10 @@ from rsmtdf.views import apply_view
 
 def _extract(recipe: Path, out: Path, **kw):
     r = load_recipe(recipe)
-    ds = open_dataset("loveda", r["data"]["root"])
-    teachers = build_teachers(r["teachers"]["names"], sizes=r["teachers"]["sizes"])
+    ds = open_dataset("loveda", r.data.root)
+    teachers = build_teachers(list(r.teachers.names), sizes=r.teachers.sizes)
     kw = {"shard_samples": 2, "num_workers": 0, "progress": False, **kw}
-    return extract(ds, r["data"]["splits"], view_spec(r), teachers, str(out), **kw), ds, teachers, r
+    return extract(ds, r.data.splits, r.view_spec(), teachers, str(out), **kw), ds, teachers, r
 
 
 def _arrays(path: Path) -> dict[str, np.ndarray]:
@@ -52,7 +52,7 @@ def test_read_back_equals_teacher_on_each_stored_view(tiny):
     cache = FeatureCache.open(out)
     assert cache.attrs["complete"] and summary.missing == []
     reader = cache.reader()
-    crop = r["views"]["crop_size"]
+    crop = r.views.crop_size
     for i, sid in enumerate(cache.ids):
         sample = ds.load(ds.index(sid))
         rgb = to_unit_rgb(sample.image)

@@ -123,6 +123,10 @@ def test_resume_after_sigkill_continues_the_same_trajectory(setup, tmp_path):
         for key in a[part]:
             diff = (a[part][key].float() - b[part][key].float()).abs().max().item() if a[part][key].numel() else 0
             assert diff < 1e-6, (part, key, diff)
+    # the steps the killed run logged past its checkpoint are replayed and logged once
+    assert [r["step"] for r in _losses(killed)] == list(range(1, 9))
+    for x, y in zip(_losses(whole), _losses(killed), strict=True):
+        assert abs(x["loss"] - y["loss"]) <= 1e-5 * max(abs(x["loss"]), 1e-8), (x, y)
 
 
 def test_checkpoint_holds_no_teacher(setup, tmp_path):
@@ -199,7 +203,8 @@ def _assert_one_line_error(proc, *words: str) -> None:
 
 def test_refuses_cache_for_another_teacher_set_or_dataset(setup, tmp_path):
     recipe, cache, tmp = setup
-    other = write_recipe(tmp_path / "r.toml", tmp / "x", tmp / "splits", teachers='["effnet_lite1"]', extra=STUDENT)
+    other = write_recipe(tmp_path / "r.toml", tmp / "x", tmp / "splits", teachers='["effnet_lite1"]', sizes="{ effnet_lite1 = 28 }",
+                         extra=STUDENT)
     _assert_one_line_error(run_cli("train", "--cache", cache, "--split", "10pct", "-r", other, "--run-dir", tmp_path / "r"),
                            str(cache), "teachers")
     potsdam = tmp_path / "p.toml"
@@ -233,7 +238,7 @@ def test_refuses_cache_made_with_other_split_lists(setup, tmp_path):
 def load_recipe_root(recipe: Path) -> str:
     from rsmtdf.recipe import load_recipe
 
-    return load_recipe(recipe)["data"]["root"]
+    return load_recipe(recipe).data.root
 
 
 def test_refuses_unfinalized_cache(setup, tmp_path):
