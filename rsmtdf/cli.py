@@ -339,7 +339,7 @@ def predict_cmd(
         raise RsmtdfError(f"--model {model}: choose ema or student")
     net, ident, recipe = load_trained(checkpoint, model)
     size = window or net.config["crop_size"]
-    tiling = Tiling(size, stride or max(1, size * 2 // 3), batch_size)
+    tiling = Tiling(size, max(1, size * 2 // 3) if stride is None else stride, batch_size)
     tiling.check(net.patch)
     scenes, problems = find_scenes(images)
     plans = plan_outputs(scenes, out, probabilities, confidence)
