@@ -1,6 +1,6 @@
 """`rsmtdf bench`: the measured goals of DESIGN §6 as ratios of two timings taken in one run.
 
-Four parts, each runnable alone:
+Five parts, each runnable alone:
 
 - `step`    one training step in four set-ups at the same batch and crop: FixMatch without
             distillation, RS-MTDF with targets handed in from memory, RS-MTDF reading targets from
@@ -14,6 +14,8 @@ Four parts, each runnable alone:
 - `size`    bytes per (sample, view) on disk for float32, float16, float16 + the default compressor
             and int8 + per-token scale, each with its cosine similarity to float32, from real
             EfficientNet-Lite0 features (real weights) on the real LoveDA sample when present.
+- `predict` streamed mapping: peak memory at two scene sizes, throughput against the bare forward
+            (`rsmtdf/bench_predict.py`).
 
 Speed does not depend on weights, so step/extract/read use the configured architectures with random
 weights (`pretrained=False`); every figure is a ratio, with the absolute times beside it.
@@ -38,7 +40,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-PARTS = ("step", "extract", "read", "size")
+from .bench_predict import bench_predict
+
+PARTS = ("step", "extract", "read", "size", "predict")
 LOVEDA_SAMPLE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "loveda-sample"
 
 
@@ -450,7 +454,8 @@ def bench_size(ctx: Context) -> dict:
                                         "cosine": int8["cosine"]["mean"]}}}
 
 
-BENCHES = {"step": bench_step, "extract": bench_extract, "read": bench_read, "size": bench_size}
+BENCHES = {"step": bench_step, "extract": bench_extract, "read": bench_read, "size": bench_size,
+           "predict": bench_predict}
 
 
 def run(parts: list[str], size: str = "default", device: str | None = None, out: str | Path | None = None,
@@ -512,6 +517,8 @@ def format_table(results: dict) -> str:
 
 
 def _absolute(part: str, name: str, res: dict) -> str:
+    if "absolute" in res["ratios"][name]:  # parts in their own modules say it themselves
+        return res["ratios"][name]["absolute"]
     if part == "step":
         t = {k: v["median_s"] for k, v in res["times"].items()}
         if name.startswith("cached_read"):

@@ -423,30 +423,44 @@ def evaluate_cmd(
 
 @app.command("predict")
 def predict_cmd(
-    images: Annotated[list[Path], typer.Argument(help="Rasters to map (GeoTIFF, PNG, JPEG; any size).")],
+    images: Annotated[list[str], typer.Argument(help="Rasters to map: files, folders, globs (GeoTIFF, VRT, JPEG2000, PNG; any size).")],
     checkpoint: Annotated[Path, typer.Option("--checkpoint", help="A run's best.pt or latest.pt.")],
     out: Annotated[Path, typer.Option("--out", help="Folder for the class maps (<name>.tif).")] = Path("predictions"),
-    mode: Annotated[str, typer.Option("--mode", help="sliding (crop windows) or whole.")] = "sliding",
     model: Annotated[str, typer.Option("--model", help="ema or student.")] = "ema",
+    window: Annotated[Optional[int], typer.Option(help="Window size in pixels [default: the model's crop size].")] = None,
+    stride: Annotated[Optional[int], typer.Option(help="Window stride in pixels [default: 2/3 of the window].")] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Windows per forward pass.")] = 8,
+    probabilities: Annotated[bool, typer.Option("--probabilities", help="Also write <name>.probabilities.tif (per class, uint8).")] = False,
+    confidence: Annotated[bool, typer.Option("--confidence", help="Also write <name>.confidence.tif (top class, uint8).")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Map scenes whose output is already complete again.")] = False,
 ) -> None:
-    """Map whole scenes: one uint8 GeoTIFF of class indices per input, with its CRS, transform and a
-    colour table, so GIS tools show it over the imagery.
+    """Map whole scenes, streamed window by window: one Cloud-Optimized GeoTIFF of class indices per
+    input (255 = nodata), with its CRS, transform, colour table and class names.
 
     Example:
 
-      rsmtdf predict scenes/*.tif --checkpoint runs/loveda-5pct/best.pt --out maps/
+      rsmtdf predict scenes/ --checkpoint runs/loveda-5pct/best.pt --out maps/ --confidence
     """
-    from dataclasses import asdict
+    from .export import load_model
+    from .predict import Tiling, find_scenes, pick_device, plan_outputs, predict_many
 
-    from tqdm import tqdm
-
-    from .predict import predict_scene  # reads the recipe's [data] as a dict (its rewrite is under way)
-
-    net, ident, recipe, device = _trained(checkpoint, model, mode)
-    for path in tqdm(images, desc="predict", unit="scene"):
-        predict_scene(net, path, out / f"{path.stem}.tif", {"data": asdict(recipe.data)}, ident["class_names"], ident["dataset"]["name"],
-                      device, mode)
-    typer.echo(f"mapped {len(images)} scenes with {checkpoint} ({model}, {mode}) into {out}")
+    if model not in ("ema", "student"):
+        raise RsmtdfError(f"--model {model}: choose ema or student")
+    net, ident, recipe = load_model(checkpoint, model)
+    size = window or net.config["crop_size"]
+    tiling = Tiling(size, max(1, size * 2 // 3) if stride is None else stride, batch_size)
+    tiling.check(net.patch)
+    scenes, problems = find_scenes(images)
+    plans = plan_outputs(scenes, out, probabilities, confidence)
+    for line in problems:
+        typer.echo(f"error: {line}", err=True)
+    device = pick_device()
+    failed = predict_many(net.to(device), scenes, plans, recipe, ident, tiling, device, overwrite, typer.echo,
+                          lambda line: typer.echo(f"error: {line}", err=True))
+    typer.echo(f"{len(scenes) - failed} of {len(scenes) + len(problems)} inputs mapped with {checkpoint} ({model}, "
+               f"window {tiling.window}, stride {tiling.stride}) into {out}")
+    if failed or problems:
+        raise typer.Exit(1)
 
 
 @app.command("export")
@@ -475,7 +489,7 @@ def export_cmd(
 
 @app.command("bench")
 def bench(
-    part: Annotated[str, typer.Argument(help="step, extract, read, size or all.")] = "all",
+    part: Annotated[str, typer.Argument(help="step, extract, read, size, predict or all.")] = "all",
     quick: Annotated[bool, typer.Option("--quick", help="Tiny sizes for CI (about a minute on CPU).")] = False,
     full: Annotated[bool, typer.Option("--full", help="The paper's sizes: crop 518, DINOv2-S student, DINOv2-B + CLIP-L (GPU).")] = False,
     out: Annotated[Optional[Path], typer.Option("--out", help="Write the results as JSON here.")] = None,

@@ -1,22 +1,49 @@
-"""Map whole scenes with a trained model: GeoTIFF class maps that keep the input's CRS and transform."""
+"""Map whole scenes with a trained model, streamed: memory does not grow with the scene.
+
+A reader thread reads the scene window by window (`raster.RasterReader`, never the whole file) on
+`raster.window_grid`; the main thread runs the windows through the model in batches and blends
+their softmax probabilities with a Gaussian weight (MONAI's sliding-window default, sigma = window/8)
+into a `BlendBand`; a writer thread turns every finished block into classes (and optionally
+probabilities or confidence) and writes it to a tiled temporary GeoTIFF, which is copied to a
+Cloud-Optimized GeoTIFF and renamed into place, so a killed run never leaves a half-written map.
+Pixels the input marks as missing get no weight and come out as 255; windows with no valid pixel
+are never run.
+"""
 
 from __future__ import annotations
 
+import glob
 import json
+import os
+import queue
+import threading
+import time
 import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import rasterio
+import rasterio.shutil
 import torch
-from rasterio.errors import NotGeoreferencedWarning
+from rasterio.errors import NotGeoreferencedWarning, RasterioIOError
+from rasterio.windows import Window
+from tqdm import tqdm
 
 from .checkpoint import load_checkpoint
-from .data import DATASETS, read_raster, to_unit_rgb
-from .evaluate import predict
+from .data import DATASETS
 from .errors import RsmtdfError
 from .model import Student
 from .recipe import Recipe, recipe_from_json
 from .plots import palette
+from .raster import BandScaling, RasterReader, first_line, window_grid
+
+NODATA = 255
+PROB_SCALE = 254  # probabilities and confidence are stored as round(p * 254): 255 stays nodata
+BLOCK = 512  # COG tile size, and the column chunk of the blend band
+RASTER_SUFFIXES = (".tif", ".tiff", ".vrt", ".jp2", ".png", ".jpg", ".jpeg", ".img")
+GDAL_ENV = {"GDAL_CACHEMAX": 64}  # MB: GDAL's block cache, not the scene, bounds what GDAL holds
 
 
 def load_trained(checkpoint: str | Path, which: str = "ema") -> tuple[Student, dict, Recipe]:
@@ -33,26 +60,391 @@ def load_trained(checkpoint: str | Path, which: str = "ema") -> tuple[Student, d
     return net.eval(), ckpt["identity"], recipe_from_json(ckpt["recipe"], str(checkpoint))
 
 
-def predict_scene(net: Student, path: Path, out: Path, recipe: dict, class_names: list[str], dataset: str,
-                  device: str, mode: str = "sliding") -> Path:
-    """Class map of one raster of any size, written as a single-band uint8 GeoTIFF with a colour table."""
-    image, crs, transform = read_raster(path)
-    x = torch.from_numpy(to_unit_rgb(image, tuple(recipe["data"]["bands"]), recipe["data"]["max_value"]))
-    logits = predict(net, x.permute(2, 0, 1)[None].to(device), mode, net.config["crop_size"], net.patch)
-    classes = logits.argmax(1)[0].to(torch.uint8).cpu().numpy()
+@dataclass(frozen=True)
+class Tiling:
+    """Window size and stride of the sliding window, and windows per forward pass."""
+
+    window: int
+    stride: int
+    batch_size: int = 8
+
+    def check(self, patch: int) -> None:
+        if self.window < 1 or self.window % patch:
+            raise RsmtdfError(f"--window {self.window}: must be a positive multiple of the encoder's patch ({patch})")
+        if not 1 <= self.stride <= self.window:
+            raise RsmtdfError(f"--stride {self.stride}: must be between 1 and the window ({self.window})")
+        if self.batch_size < 1:
+            raise RsmtdfError(f"--batch-size {self.batch_size}: must be at least 1")
+
+
+def blend_weight(size: int) -> np.ndarray:
+    """size×size Gaussian weight (sigma = size/8, peak 1): window centres count most, borders, where
+    the model sees least context, least; every value is positive so a lone window still counts."""
+    r = (np.arange(size, dtype=np.float64) - (size - 1) / 2) / (size / 8)
+    g = np.exp(-0.5 * r**2)
+    return np.outer(g, g).astype(np.float32)
+
+
+class BlendBand:
+    """Weighted probability sums (K classes + the weight) of the rows one window row covers.
+
+    Kept per column chunk of BLOCK pixels: a chunk is finished, and handed out, as soon as the
+    windows passing over it are added; only the rows it shares with the next window row (the
+    vertical overlap) are carried over the full width. Memory: window × (window + BLOCK) per active
+    chunk plus overlap × width, whatever the scene's height.
+    """
+
+    def __init__(self, channels: int, height: int, width: int, ys: list[int], xs: list[int], size: int) -> None:
+        self.c, self.h, self.w, self.ys, self.xs, self.size = channels, height, width, ys, xs, size
+        self.chunks = [(c0, min(c0 + BLOCK, width)) for c0 in range(0, width, BLOCK)]
+        self.active: dict[int, np.ndarray] = {}
+        self.carry: dict[int, np.ndarray] = {}
+        self.row, self.chunk = 0, 0  # the next (window row, chunk) to finish
+
+    def _rows(self, i: int) -> tuple[int, int]:
+        return self.ys[i], min(self.ys[i] + self.size, self.h)
+
+    def _buffer(self, i: int, k: int) -> np.ndarray:
+        if k not in self.active:
+            top, bottom = self._rows(i)
+            c0, c1 = self.chunks[k]
+            buf = np.zeros((self.c, bottom - top, c1 - c0), np.float32)
+            carried = self.carry.pop(k, None)
+            if carried is not None:
+                buf[:, : carried.shape[1]] = carried
+            self.active[k] = buf
+        return self.active[k]
+
+    def add(self, i: int, j: int, values: np.ndarray) -> None:
+        """Add window (row i, column j): `values` (channels, size, size), weight already applied."""
+        top, bottom = self._rows(i)
+        x0 = self.xs[j]
+        x1 = min(x0 + self.size, self.w)
+        for k in range(x0 // BLOCK, (x1 - 1) // BLOCK + 1):
+            c0, c1 = self.chunks[k]
+            a, b = max(x0, c0), min(x1, c1)
+            self._buffer(i, k)[:, :, a - c0 : b - c0] += values[:, : bottom - top, a - x0 : b - x0]
+
+    def finish(self, i: int, j: int) -> Iterator[tuple[Window, np.ndarray]]:
+        """Hand out every block that no window after (i, j) touches, in raster order."""
+        while self.row < len(self.ys) and (self.row < i or (self.row == i and self.chunks[self.chunk][1] <= self._done_col(j))):
+            yield self._finish_one(self.row, self.chunk)
+            self.chunk += 1
+            if self.chunk == len(self.chunks):
+                self.row, self.chunk = self.row + 1, 0
+
+    def _done_col(self, j: int) -> int:
+        return self.xs[j + 1] if j + 1 < len(self.xs) else self.w
+
+    def _finish_one(self, i: int, k: int) -> tuple[Window, np.ndarray]:
+        buf = self._buffer(i, k)
+        del self.active[k]
+        top = self.ys[i]
+        end = self.ys[i + 1] if i + 1 < len(self.ys) else self.h
+        if i + 1 < len(self.ys):
+            self.carry[k] = buf[:, end - top :].copy()
+        c0, c1 = self.chunks[k]
+        return Window(c0, top, c1 - c0, end - top), buf[:, : end - top]
+
+
+_END = object()
+
+
+def _reader(path: Path, scaling: BandScaling, rows: list[list[Window]], out: queue.Queue, stop: threading.Event) -> None:
+    """Thread: every window of the grid in raster order as (i, j, unit image or None, valid)."""
+    try:
+        with rasterio.Env(**GDAL_ENV), RasterReader(path, scaling) as src:
+            for i, row in enumerate(rows):
+                for j, win in enumerate(row):
+                    if stop.is_set():
+                        return
+                    image, valid = src.read(win)
+                    out.put((i, j, image, valid) if valid.any() else (i, j, None, None))
+        out.put(_END)
+    except BaseException as exc:  # noqa: BLE001 - handed to the main thread, which raises it there
+        out.put(exc)
+
+
+def blended_blocks(net: Student, path: Path, scaling: BandScaling, tiling: Tiling, device: str | torch.device,
+                   progress: Callable[[int, int], None] = lambda run, outside: None) -> Iterator[tuple[Window, np.ndarray]]:
+    """Finished blocks of a scene, in raster order: (window, (K + 1, h, w) float32) holding the
+    weighted probability sums and, last, the summed weight (0 where the input has no data).
+    `progress(run, outside)` is told of windows run and of windows skipped for having no valid pixel."""
+    with RasterReader(path, scaling) as src:
+        height, width = src.height, src.width
+    rows = window_grid(height, width, tiling.window, tiling.stride)
+    ys, xs = [int(r[0].row_off) for r in rows], [int(w.col_off) for w in rows[0]]
+    band = BlendBand(net.config["num_classes"] + 1, height, width, ys, xs, tiling.window)
+    weight = torch.from_numpy(blend_weight(tiling.window)).to(device)
+    items: queue.Queue = queue.Queue(maxsize=2 * tiling.batch_size)
+    stop = threading.Event()
+    thread = threading.Thread(target=_reader, args=(path, scaling, rows, items, stop), daemon=True)
+    thread.start()
+    try:
+        batch: list[tuple[int, int, np.ndarray, np.ndarray]] = []
+        last = (0, 0)
+        while True:
+            item = items.get()
+            if isinstance(item, BaseException):
+                raise item
+            end = item is _END
+            if not end:
+                last = item[:2]
+                if item[2] is None:
+                    progress(0, 1)
+                else:
+                    batch.append(item)
+            if batch and (end or len(batch) == tiling.batch_size):
+                values = _forward(net, batch, weight, device)
+                for (i, j, _, _), v in zip(batch, values):
+                    band.add(i, j, v)
+                    yield from band.finish(i, j)
+                progress(len(batch), 0)
+                batch = []
+            if not batch:  # every window pulled so far is added: what they finished can go
+                yield from band.finish(*last)
+            if end:
+                yield from band.finish(len(ys) - 1, len(xs) - 1)
+                return
+    finally:
+        stop.set()
+        while thread.is_alive():  # unblock a reader waiting on a full queue
+            try:
+                items.get(timeout=0.1)
+            except queue.Empty:
+                pass
+
+
+@torch.no_grad()
+def _forward(net: Student, batch: list, weight: torch.Tensor, device: str | torch.device) -> np.ndarray:
+    """(B, K + 1, S, S): softmax probabilities × weight × validity, and the weight × validity."""
+    x = torch.from_numpy(np.stack([b[2] for b in batch])).permute(0, 3, 1, 2).to(device)
+    valid = torch.from_numpy(np.stack([b[3] for b in batch])).to(device)
+    dev = torch.device(device)
+    with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
+        logits = net(x).logits
+    w = (weight * valid)[:, None]
+    return torch.cat([logits.float().softmax(1) * w, w], 1).cpu().numpy()
+
+
+@dataclass(frozen=True)
+class Outputs:
+    """The files one scene's map is written to; the class map last, so its presence means done."""
+
+    classes: Path
+    probabilities: Path | None = None
+    confidence: Path | None = None
+
+    @classmethod
+    def beside(cls, classes: Path, probabilities: bool, confidence: bool) -> Outputs:
+        stem = classes.with_suffix("")
+        return cls(classes, Path(f"{stem}.probabilities.tif") if probabilities else None,
+                   Path(f"{stem}.confidence.tif") if confidence else None)
+
+    def all(self) -> list[Path]:
+        return [p for p in (self.probabilities, self.confidence, self.classes) if p is not None]
+
+    def complete(self) -> bool:
+        return all(p.is_file() for p in self.all())
+
+
+@dataclass(frozen=True)
+class SceneResult:
+    path: Path
+    outputs: Outputs
+    pixels: int
+    windows: int
+    skipped: int
+    nodata_fraction: float
+    seconds: float
+
+    def summary(self) -> str:
+        rate = self.pixels / max(self.seconds, 1e-9)
+        return (f"{self.path}: {self.pixels / 1e6:.1f} Mpx in {self.seconds:.1f} s ({rate / 1e6:.2f} Mpx/s), "
+                f"{self.windows} windows ({self.skipped} outside the footprint), nodata {100 * self.nodata_fraction:.1f} % "
+                f"-> {self.outputs.classes}")
+
+
+def _partial(path: Path, kind: str) -> Path:
+    return path.with_name(f".{path.name}.{kind}")
+
+
+class _Writer:
+    """Thread: blocks of blended sums → class map (and probabilities / confidence) in tiled GTiffs."""
+
+    def __init__(self, outputs: Outputs, profile: dict, class_names: list[str], colours: np.ndarray) -> None:
+        self.outputs, self.nodata_pixels = outputs, 0
+        k = len(class_names)
+        tags = {"classes": json.dumps(class_names)}
+        self.files: dict[str, rasterio.io.DatasetWriter] = {}
+        self.queue: queue.Queue = queue.Queue(maxsize=4)
+        self.error: BaseException | None = None
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", NotGeoreferencedWarning)
+            for kind, count in (("classes", 1), ("probabilities", k), ("confidence", 1)):
+                final = getattr(outputs, kind)
+                if final is None:
+                    continue
+                dst = rasterio.open(_partial(final, "partial"), "w", **profile, count=count)
+                dst.update_tags(**tags, **({"scale": f"1/{PROB_SCALE}"} if kind != "classes" else {}))
+                if kind == "classes":
+                    dst.write_colormap(1, {c: (*map(int, colours[c]), 255) for c in range(k)})
+                else:
+                    dst.scales = (1 / PROB_SCALE,) * count
+                    dst.descriptions = tuple(class_names) if kind == "probabilities" else ("confidence",)
+                self.files[kind] = dst
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def put(self, window: Window, sums: np.ndarray) -> None:
+        if self.error is not None:
+            raise self.error
+        self.queue.put((window, sums))
+
+    def _run(self) -> None:
+        try:
+            with rasterio.Env(**GDAL_ENV):
+                while (item := self.queue.get()) is not None:
+                    self._write(*item)
+        except BaseException as exc:  # noqa: BLE001 - raised in the main thread by put/close
+            self.error = exc
+            while self.queue.get() is not None:  # drain so the main thread never blocks
+                pass
+
+    def _write(self, window: Window, sums: np.ndarray) -> None:
+        weight = sums[-1]
+        valid = weight > 0
+        probs = sums[:-1] / np.where(valid, weight, 1)
+        self.nodata_pixels += int((~valid).sum())
+        classes = np.where(valid, probs.argmax(0), NODATA).astype(np.uint8)
+        self.files["classes"].write(classes, 1, window=window)
+        if "probabilities" in self.files:
+            self.files["probabilities"].write(_scaled(probs, valid), window=window)
+        if "confidence" in self.files:
+            self.files["confidence"].write(_scaled(probs.max(0), valid), 1, window=window)
+
+    def close(self) -> None:
+        """Wait for every block to be written, close the files, raise what went wrong there."""
+        self.queue.put(None)
+        self.thread.join()
+        for dst in self.files.values():
+            dst.close()
+        if self.error is not None:
+            raise self.error
+
+
+def _scaled(p: np.ndarray, valid: np.ndarray) -> np.ndarray:
+    return np.where(valid, np.rint(p * PROB_SCALE), NODATA).astype(np.uint8)
+
+
+def _to_cog(partial: Path, final: Path, resampling: str) -> None:
+    """Copy a finished tiled GTiff to a COG (deflate, 512 tiles, overviews) under a temporary name,
+    then rename it into place: the final name only ever holds a complete file."""
+    tmp = _partial(final, "cog-partial")
+    rasterio.shutil.copy(partial, tmp, driver="COG", COMPRESS="DEFLATE", BLOCKSIZE=BLOCK,
+                         OVERVIEW_RESAMPLING=resampling, NUM_THREADS="ALL_CPUS")
+    os.replace(tmp, final)
+
+
+def predict_scene(net: Student, path: Path, outputs: Outputs, scaling: BandScaling, tiling: Tiling,
+                  class_names: list[str], dataset: str, device: str | torch.device) -> SceneResult:
+    """Map one raster of any size to `outputs` (COGs), streaming it window by window."""
+    t0 = time.perf_counter()
+    with RasterReader(path, scaling) as src:
+        height, width, crs, transform = src.height, src.width, src.crs, src.transform
+    rows = window_grid(height, width, tiling.window, tiling.stride)
+    total = sum(map(len, rows))
     table = DATASETS[dataset].classes.colors if dataset in DATASETS and dataset != "folder" else {}
-    colours = palette(len(class_names), table)
-    profile = {"driver": "GTiff", "height": classes.shape[0], "width": classes.shape[1], "count": 1,
-               "dtype": "uint8", "compress": "deflate", "nodata": 255}
+    profile = {"driver": "GTiff", "height": height, "width": width, "dtype": "uint8", "nodata": NODATA,
+               "tiled": True, "blockxsize": BLOCK, "blockysize": BLOCK, "compress": "zstd", "zstd_level": 1,
+               "BIGTIFF": "IF_SAFER"}
     if crs is not None:
-        profile.update(crs=crs, transform=rasterio.Affine(*transform))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", NotGeoreferencedWarning)
-        with rasterio.open(tmp, "w", **profile) as dst:
-            dst.write(classes, 1)
-            dst.write_colormap(1, {k: (*map(int, colours[k]), 255) for k in range(len(class_names))})
-            dst.update_tags(classes=json.dumps(class_names))
-    tmp.replace(out)
-    return out
+        profile.update(crs=crs, transform=transform)
+    outputs.classes.parent.mkdir(parents=True, exist_ok=True)
+    partials = [_partial(p, kind) for p in outputs.all() for kind in ("partial", "cog-partial")]
+    skipped = [0]
+
+    def progress(run: int, outside: int) -> None:
+        skipped[0] += outside
+        bar.update(run + outside)
+
+    try:
+        writer = _Writer(outputs, profile, class_names, palette(len(class_names), table))
+        try:
+            with tqdm(total=total, desc=path.name, unit="win", leave=False) as bar:
+                for window, sums in blended_blocks(net, path, scaling, tiling, device, progress):
+                    writer.put(window, sums)
+        finally:
+            writer.close()
+        for final in outputs.all():
+            _to_cog(_partial(final, "partial"), final, "MODE" if final == outputs.classes else "AVERAGE")
+    except RasterioIOError as exc:
+        raise RsmtdfError(f"{path}: could not write its map to {outputs.classes.parent} ({first_line(exc)})") from None
+    finally:
+        for p in partials:
+            p.unlink(missing_ok=True)
+    return SceneResult(path, outputs, height * width, total, skipped[0], writer.nodata_pixels / (height * width),
+                       time.perf_counter() - t0)
+
+
+def find_scenes(inputs: list[str]) -> tuple[list[Path], list[str]]:
+    """Files, folders (their rasters, recursively) and globs → (scenes in order, problems, one line
+    each, for inputs that match nothing). The same file named twice is mapped once."""
+    scenes: dict[Path, Path] = {}
+    problems = []
+    for item in inputs:
+        p = Path(item)
+        if p.is_dir():
+            found = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in RASTER_SUFFIXES
+                           and not any(part.startswith(".") for part in f.relative_to(p).parts))
+            if not found:
+                problems.append(f"{p}: no rasters in this folder ({', '.join(RASTER_SUFFIXES)})")
+        elif p.exists():
+            found = [p]
+        elif glob.has_magic(item):
+            found = sorted(Path(f) for f in glob.glob(item, recursive=True) if Path(f).is_file())
+            if not found:
+                problems.append(f"{item}: no file matches")
+        else:
+            found = []
+            problems.append(f"{p}: no such file")
+        for f in found:
+            scenes.setdefault(f.resolve(), f)
+    return list(scenes.values()), problems
+
+
+def plan_outputs(scenes: list[Path], out: Path, probabilities: bool, confidence: bool) -> list[Outputs]:
+    """`out/<stem>.tif` per scene; two scenes that would write the same map are refused."""
+    plans, seen = [], {}
+    for scene in scenes:
+        target = out / f"{scene.stem}.tif"
+        if target in seen:
+            raise RsmtdfError(f"{scene}: would write {target}, as {seen[target]} does (rename one, or map them "
+                              f"into different --out folders)")
+        seen[target] = scene
+        plans.append(Outputs.beside(target, probabilities, confidence))
+    return plans
+
+
+def pick_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def predict_many(net: Student, scenes: list[Path], plans: list[Outputs], recipe: Recipe, identity: dict, tiling: Tiling,
+                 device: str, overwrite: bool, echo: Callable[[str], None], fail: Callable[[str], None]) -> int:
+    """Map every scene, one summary (or one error) line each; return how many could not be mapped."""
+    scaling = BandScaling.from_recipe(recipe)
+    names = identity["class_names"]
+    failed = 0
+    with rasterio.Env(**GDAL_ENV):
+        for scene, outputs in zip(scenes, plans):
+            if outputs.complete() and not overwrite:
+                echo(f"{scene}: {outputs.classes} is complete, skipped (--overwrite maps it again)")
+                continue
+            try:
+                echo(predict_scene(net, scene, outputs, scaling, tiling, names, identity["dataset"]["name"],
+                                   device).summary())
+            except RsmtdfError as exc:
+                fail(str(exc))
+                failed += 1
+    return failed
