@@ -2,11 +2,11 @@
 
 The library in a few names (imported on first use, so `import rsmtdf` stays light):
 
-- `load_recipe(path)`: a recipe TOML merged over the paper's defaults, as a dict;
+- `load_recipe(path)`: a recipe TOML over the paper's defaults, typed and checked (`Recipe`);
 - `extract_features(recipe, output)`: stage one, returns the `FeatureCache`;
 - `train_student(recipe, cache, split, run_dir)`: stage two (or build a `Trainer` and call `fit`);
 - `load_trained(checkpoint)` / `load_model(checkpoint or export)`: `(Student, identity, recipe)`;
-- `predict_scene(net, raster, out, ...)`: a GeoTIFF class map of one scene;
+- `predict_scene(net, raster, outputs, scaling, tiling, ...)`: a COG class map of one scene, streamed;
 - `export_model(checkpoint, "onnx" | "safetensors")`: a model for serving, with its sidecar;
 - `FeatureCache`, `Student`, `Trainer`, `RsmtdfError`: the classes behind them.
 """
