@@ -15,6 +15,8 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="RS-MTDF semi-supervised segmentation with a precomputed teacher feature cache.")
 
 Recipe = Annotated[Optional[Path], typer.Option("--recipe", "-r", help="Recipe TOML (pipeline/*.toml).")]
+Sets = Annotated[Optional[list[str]], typer.Option("--set", help="Override any recipe key: SECTION.KEY=VALUE "
+                                                   "(TOML value; repeat), e.g. --set train.lr=1e-5.")]
 Root = Annotated[Optional[Path], typer.Option(help="Dataset folder (overrides the recipe).")]
 Output = Annotated[Optional[str], typer.Option("--output", "-o", help="Cache path or fsspec URL [default: cache/<dataset>].")]
 Teachers = Annotated[Optional[list[str]], typer.Option("--teacher", help="Teacher name (repeat); overrides the recipe.")]
@@ -38,10 +40,10 @@ class Plan:
 
     def __init__(self, recipe: Path | None, root: Path | None, output: str | None, teacher: list[str] | None,
                  teacher_weights: list[str] | None, views: int | None, crop_size: int | None,
-                 storage: str | None) -> None:
+                 storage: str | None, sets: list[str] | None = None) -> None:
         from .recipe import load_recipe
 
-        self.recipe = load_recipe(recipe).override(
+        self.recipe = load_recipe(recipe, sets).override(
             {"data.root": None if root is None else str(root), "views.count": views, "views.crop_size": crop_size,
              "teachers.names": teacher or None, "teachers.storage": storage},
             origin={"data.root": "--root", "views.count": "--views", "views.crop_size": "--crop-size",
@@ -74,7 +76,7 @@ class Plan:
 
 @app.command("extract-features")
 def extract_features(
-    recipe: Recipe = None, root: Root = None, output: Output = None, teacher: Teachers = None,
+    recipe: Recipe = None, sets: Sets = None, root: Root = None, output: Output = None, teacher: Teachers = None,
     teacher_weights: TeacherWeights = None, views: Views = None, crop_size: Crop = None, storage: Storage = None,
     shard_samples: ShardSamples = None,
     shard_index: Annotated[Optional[int], typer.Option(help="This worker's index [default: RANK or SLURM_PROCID or 0].")] = None,
@@ -104,7 +106,7 @@ def extract_features(
     from .extract import extract
     from .recipe import at_least, check_option
 
-    plan = Plan(recipe, root, output, teacher, teacher_weights, views, crop_size, storage)
+    plan = Plan(recipe, root, output, teacher, teacher_weights, views, crop_size, storage, sets)
     plan.recipe.check_for_student(training=False)
     check_option("--shard-samples", shard_samples, int, at_least(1))
     check_option("--shard-index", shard_index, int, at_least(0))
@@ -120,7 +122,7 @@ def extract_features(
                       shard_samples=shard_samples, shard_index=index, num_shards=count, batch_size=batch_size,
                       num_workers=workers, storage=plan.recipe.teachers.storage, device=device,
                       bands=plan.recipe.data.bands, max_value=plan.recipe.data.max_value,
-                      repair=repair)
+                      repair=repair, recipe=plan.recipe.to_toml())
     typer.echo(summary.line())
 
 
@@ -130,8 +132,8 @@ def inspect_cache(
     estimate: Annotated[bool, typer.Option("--estimate", help="Predict the size of a cache before extracting it.")] = False,
     probe: Annotated[int, typer.Option(help="With --estimate: samples to run the teachers on to measure compression.")] = 4,
     verify: Annotated[bool, typer.Option("--verify", help="Read every chunk, check its checksum, list damaged shards.")] = False,
-    recipe: Recipe = None, root: Root = None, teacher: Teachers = None, teacher_weights: TeacherWeights = None,
-    views: Views = None, crop_size: Crop = None, storage: Storage = None,
+    recipe: Recipe = None, sets: Sets = None, root: Root = None, teacher: Teachers = None,
+    teacher_weights: TeacherWeights = None, views: Views = None, crop_size: Crop = None, storage: Storage = None,
     stats: Annotated[bool, typer.Option("--stats", help="Feature statistics, cross-view consistency and teacher "
                                         "agreement, printed and written as JSON beside the cache.")] = False,
     samples: Annotated[Optional[int], typer.Option(help="With --stats: a random subset of this many samples.")] = None,
@@ -157,7 +159,7 @@ def inspect_cache(
         from .recipe import at_least, check_option
 
         check_option("--probe", probe, int, at_least(1))
-        plan = Plan(recipe, root, path, teacher, teacher_weights, views, crop_size, storage)
+        plan = Plan(recipe, root, path, teacher, teacher_weights, views, crop_size, storage, sets)
         plan.recipe.check_for_student(training=False)
         typer.echo(estimate_size(plan, probe=probe))
         return
@@ -256,7 +258,7 @@ def report(
 
 @app.command("make-splits")
 def make_splits_cmd(
-    recipe: Recipe = None, root: Root = None,
+    recipe: Recipe = None, sets: Sets = None, root: Root = None,
     out: Annotated[Optional[Path], typer.Option(help="Folder for the lists [default: the recipe's splits].")] = None,
     seed: Annotated[int, typer.Option(help="Seed of the shuffle (the reference used none).")] = 0,
 ) -> None:
@@ -268,7 +270,7 @@ def make_splits_cmd(
     """
     from .splits import make_splits, splits_sha256
 
-    plan = Plan(recipe, root, None, None, None, None, None, None)
+    plan = Plan(recipe, root, None, None, None, None, None, None, sets)
     target = out or Path(plan.recipe.data.splits)
     counts = make_splits(plan.dataset(), target, seed)
     typer.echo(", ".join(f"{k}: {v}" for k, v in counts.items()))
@@ -277,7 +279,7 @@ def make_splits_cmd(
 
 @app.command("check-splits")
 def check_splits_cmd(
-    recipe: Recipe = None, root: Root = None,
+    recipe: Recipe = None, sets: Sets = None, root: Root = None,
     splits: Annotated[Optional[Path], typer.Option(help="Folder of lists [default: the recipe's splits].")] = None,
 ) -> None:
     """Check that every name in the split lists is a sample of the dataset folder (e.g. the committed
@@ -289,7 +291,7 @@ def check_splits_cmd(
     """
     from .splits import check_lists
 
-    plan = Plan(recipe, root, None, None, None, None, None, None)
+    plan = Plan(recipe, root, None, None, None, None, None, None, sets)
     target = splits or Path(plan.recipe.data.splits)
     dataset = plan.dataset()
     counts = check_lists(target, dataset)
@@ -297,12 +299,29 @@ def check_splits_cmd(
     typer.echo(f"all {sum(counts.values())} names in {len(counts)} lists of {target} resolve in {dataset.root}")
 
 
+recipe_app = typer.Typer(no_args_is_help=True, help="Recipes: print one resolved.")
+app.add_typer(recipe_app, name="recipe")
+
+
+@recipe_app.command("show")
+def recipe_show(recipe: Recipe = None, sets: Sets = None) -> None:
+    """Print the recipe resolved (defaults filled in, --set applied, every value checked) as TOML.
+
+    Example:
+
+      rsmtdf recipe show -r pipeline/loveda.toml --set train.lr=1.25e-6 --set views.count=4
+    """
+    from .recipe import load_recipe
+
+    typer.echo(load_recipe(recipe, sets).to_toml(), nl=False)
+
+
 @app.command("train")
 def train(
     cache: Annotated[Optional[str], typer.Option("--cache", help="Finalized feature cache (path or URL); "
                                                  "without one, --teachers online runs from the recipe.")] = None,
     split: Annotated[str, typer.Option("--split", help="Labeled split: 1pct, 5pct, 10pct, ...")] = "5pct",
-    recipe: Recipe = None,
+    recipe: Recipe = None, sets: Sets = None,
     run: Annotated[Optional[Path], typer.Option("--run-dir", help="Run folder [default: runs/<dataset>-<split>].")] = None,
     teachers: Annotated[str, typer.Option("--teachers", help="cached, online or online-strong.")] = "cached",
     teacher_weights: TeacherWeights = None,
@@ -336,21 +355,15 @@ def train(
     options = {"train.max_steps": "--max-steps", "train.epochs": "--epochs", "train.batch_size": "--batch-size",
                "train.lr": "--lr", "train.workers": "--workers", "train.seed": "--seed"}
     values = dict(zip(options, (max_steps, epochs, batch_size, lr, workers, seed)))
-    r = load_recipe(recipe).override(values, origin=options)
+    if cache is None and recipe is None:
+        raise RsmtdfError("train: give --cache, or a recipe (-r) with --teachers online to train without a cache")
+    r = load_recipe(recipe, sets) if recipe is not None else _recipe_of_cache(cache, sets)
+    r = r.override(values, origin=options)
     check_option("--checkpoint-every", checkpoint_every, int, at_least(0))
     if resume and overwrite:
         raise RsmtdfError("--resume --overwrite: choose one (continue the run, or move it aside and start afresh)")
     if new_schedule and not resume:
         raise RsmtdfError("--new-schedule: only with --resume (it accepts a resumed run's changed schedule)")
-    if cache is None and recipe is None:
-        raise RsmtdfError("train: give --cache, or a recipe (-r) with --teachers online to train without a cache")
-    if recipe is None:  # no recipe: take what the cache was made with
-        from .cache import FeatureCache
-
-        a = FeatureCache.open(cache).attrs
-        taken = {"data.dataset": a["dataset"]["name"], "views.crop_size": a["views"]["crop_size"],
-                 "teachers.names": [t["name"] for t in a["teachers"]], "data.splits": a["splits"]["dir"]}
-        r = r.override(taken, origin={k: f"{cache}: its {k} =" for k in taken})
     r.check_for_student(training=True)
     device = setup_distributed()
     weights = Plan(None, None, None, None, teacher_weights, None, None, None).weights
@@ -367,6 +380,22 @@ def train(
         typer.echo(f"trained {result['steps']} steps ({result['steps_per_s']:.2f} steps/s), last loss "
                    f"{result.get('loss', float('nan')):.4f}; best val mIoU {trainer.best['mIoU']:.2f} "
                    f"(EMA {trainer.best['mIoU_ema']:.2f}) at step {trainer.best['step']}; checkpoints in {run}")
+
+
+def _recipe_of_cache(cache: str, sets: list[str] | None):
+    """The recipe a cache was made with (kept in its attributes), with `--set` overrides; a cache from
+    before recipes were kept gives the defaults with its dataset, crop, teachers and splits."""
+    import tomllib
+
+    from .cache import FeatureCache
+    from .recipe import Recipe, load_recipe, parse_sets
+
+    a = FeatureCache.open(cache).attrs
+    if "recipe" in a:
+        return Recipe.from_dict(tomllib.loads(a["recipe"]), f"{cache} (its recipe)").override(parse_sets(sets or []))
+    taken = {"data.dataset": a["dataset"]["name"], "views.crop_size": a["views"]["crop_size"],
+             "teachers.names": [t["name"] for t in a["teachers"]], "data.splits": a["splits"]["dir"]}
+    return load_recipe(None, sets).override(taken, origin={k: f"{cache}: its {k} =" for k in taken})
 
 
 def _trained(checkpoint: Path, model: str, mode: str):

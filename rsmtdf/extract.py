@@ -151,9 +151,10 @@ def extract(dataset: SegmentationDataset, splits_dir: str, spec: ViewSpec, teach
             *, shard_samples: int | None = None, shard_index: int = 0, num_shards: int = 1, batch_size: int = 8,
             num_workers: int = 2, storage: str = "float16", device: str = "cpu",
             bands: tuple[int, int, int] = (0, 1, 2), max_value: float | None = None,
-            progress: bool = True, repair: bool = False) -> ExtractSummary:
+            progress: bool = True, repair: bool = False, recipe: str | None = None) -> ExtractSummary:
     """Extract this worker's shards (every `num_shards`-th from `shard_index`), resumably. With
     `repair`, first verify those shards and drop the damaged ones, so exactly they are extracted again.
+    `recipe` (the resolved recipe as TOML) is kept in the cache's attributes for `train` without -r.
 
     A full disk ends in one line saying what the shards still to write need."""
     if not 0 <= shard_index < num_shards:
@@ -169,8 +170,9 @@ def extract(dataset: SegmentationDataset, splits_dir: str, spec: ViewSpec, teach
     if repair and not FeatureCache.exists(output):
         raise RsmtdfError(f"{output}: no cache here to repair (extract it without --repair)")
     try:
-        cache = FeatureCache.create(output, ids, {**attrs, "compute": _compute(device, batch_size)}, layouts,
-                                    shard_samples)
+        made_with = {"recipe": recipe} if recipe is not None else {}
+        cache = FeatureCache.create(output, ids, {**attrs, "compute": _compute(device, batch_size), **made_with},
+                                    layouts, shard_samples)
         _check_compute(cache, _compute(device, batch_size))
         repaired, repaired_ids = _drop_damaged(cache, owned, ids, progress) if repair else (None, False)
         summary = _extract_shards(cache, dataset, ids, spec, teachers, owned, batch_size, num_workers, device, bands,

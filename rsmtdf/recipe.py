@@ -171,6 +171,13 @@ class Recipe:
             out[name] = {k: list(v) if isinstance(v, tuple) else v for k, v in d.items() if v is not None}
         return out
 
+    def to_toml(self) -> str:
+        """The resolved recipe as TOML that `load_recipe` reads back to an equal recipe."""
+        lines = []
+        for name, values in self.to_dict().items():
+            lines += [f"[{name}]", *(f"{k} = {_show(v)}" for k, v in values.items()), ""]
+        return "\n".join(lines)
+
     # -- overrides --
 
     def override(self, values: dict[str, Any], origin: dict[str, str] | None = None) -> Recipe:
@@ -269,18 +276,36 @@ def check_option(option: str, value: Any, tp: Any, rule: Rule | None = None) -> 
     return None if value is None else _checked(value, tp, rule, f"{option} {_as_typed(value)}", option=True)
 
 
-def load_recipe(path: str | Path | None) -> Recipe:
-    """The recipe at `path` (defaults for keys it leaves out), checked; None gives the defaults."""
+def load_recipe(path: str | Path | None, sets: list[str] | None = None) -> Recipe:
+    """The recipe at `path` (defaults for keys it leaves out; None gives the defaults) with the
+    `--set section.key=value` overrides `sets` applied, all checked."""
     if path is None:
-        return Recipe.from_dict({}, "recipe defaults")
-    path = Path(path)
-    try:
-        data = tomllib.loads(path.read_text())
-    except FileNotFoundError:
-        raise RsmtdfError(f"{path}: recipe not found") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise RsmtdfError(f"{path}: not valid TOML ({exc})") from None
-    return Recipe.from_dict(data, str(path))
+        recipe = Recipe.from_dict({}, "recipe defaults")
+    else:
+        path = Path(path)
+        try:
+            data = tomllib.loads(path.read_text())
+        except FileNotFoundError:
+            raise RsmtdfError(f"{path}: recipe not found") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise RsmtdfError(f"{path}: not valid TOML ({exc})") from None
+        recipe = Recipe.from_dict(data, str(path))
+    return recipe.override(parse_sets(sets)) if sets else recipe
+
+
+def parse_sets(items: list[str]) -> dict[str, Any]:
+    """`--set section.key=value` items as {"section.key": value}. A value is read as TOML (`3`,
+    `true`, `[1, 2]`, `"x"`), or taken as a plain string where it is not TOML (`data.root=/data/x`)."""
+    out = {}
+    for item in items:
+        dotted, sep, text = item.partition("=")
+        if not sep or "." not in dotted:
+            raise RsmtdfError(f"--set {item}: expected SECTION.KEY=VALUE, e.g. --set train.lr=1e-5")
+        try:
+            out[dotted.strip()] = tomllib.loads(f"v = {text}")["v"]
+        except tomllib.TOMLDecodeError:
+            out[dotted.strip()] = text
+    return out
 
 
 def recipe_from_json(text: str, source: str) -> Recipe:
@@ -395,10 +420,15 @@ def _describe(tp: Any) -> str:
 def _show(value: Any) -> str:
     """A value as it reads in TOML (strings quoted, true/false, lists in brackets)."""
     if isinstance(value, dict):
-        return "{ " + ", ".join(f"{k} = {_show(v)}" for k, v in value.items()) + " }" if value else "{}"
+        return "{ " + ", ".join(f"{_bare_or_quoted(k)} = {_show(v)}" for k, v in value.items()) + " }" if value else "{}"
     if isinstance(value, (list, tuple)):
         return "[" + ", ".join(_show(v) for v in value) + "]"
     return json.dumps(value) if isinstance(value, (str, bool)) or value is None else str(value)
+
+
+def _bare_or_quoted(key: str) -> str:
+    """A TOML key: bare where TOML allows it, else quoted (`"timm:convnext_tiny@224"`)."""
+    return key if key and all(c.isalnum() or c in "_-" for c in key) else json.dumps(key)
 
 
 def _as_typed(value: Any) -> str:

@@ -30,7 +30,11 @@ class RunLog:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.jsonl = open(self.run_dir / "metrics.jsonl", "a")
         self.writer = SummaryWriter(str(self.run_dir))
-        self.writer.add_text("recipe", "```json\n" + json.dumps(recipe.to_dict(), indent=2) + "\n```", 0)
+        toml = recipe.to_toml()
+        tmp = self.run_dir / ".recipe.toml.tmp"
+        tmp.write_text(toml)
+        tmp.replace(self.run_dir / "recipe.toml")  # the resolved recipe, as `rsmtdf recipe show` prints it
+        self.writer.add_text("recipe", "```toml\n" + toml + "```", 0)
 
     def pictures_dir(self, step: int, model: str) -> Path:
         """Where `evaluate(pictures=...)` draws this evaluation's tiles for `model`."""

@@ -50,7 +50,8 @@ def test_tensorboard_holds_steps_evaluations_pictures_and_recipe(run):
         assert shot.step == 3 and (shot.width, shot.height) == (3 * 512 + 2 * 4, 512)  # image | truth | prediction
 
     text = events.Tensors("recipe/text_summary")[0].tensor_proto.string_val[0].decode()
-    assert '"translator_hidden": 64' in text and '"effnet_lite1": 28' in text
+    assert "translator_hidden = 64" in text and "effnet_lite1 = 28" in text
+    assert (run_dir / "recipe.toml").read_text() in text  # the resolved recipe, also beside the run
     assert (run_dir / "curves.png").stat().st_size > 0
 
 
