@@ -20,7 +20,7 @@ from rsmtdf.evaluate import PROTOCOLS, evaluate, predict, resolve_protocol
 from rsmtdf.errors import RsmtdfError
 from rsmtdf.metrics import ConfusionMatrix, format_table
 from rsmtdf.model import Student
-from rsmtdf.recipe import DEFAULTS
+from rsmtdf.recipe import EvalConfig, load_recipe
 
 
 def cm_of(pairs: list[tuple[int, list[int]]], num_classes: int) -> ConfusionMatrix:
@@ -191,8 +191,7 @@ def potsdam_checkpoint(tmp_path):
     (splits / "test.txt").write_text("top_potsdam_2_10_1_RGB\ntop_potsdam_2_10_2_RGB\n")
     names = list(POTSDAM.names)
     student, ema = constant_student(6, 1), constant_student(6, 2)
-    recipe = json.loads(json.dumps(DEFAULTS))
-    recipe["eval"]["reference_scored_classes"] = names[1:]
+    recipe = load_recipe(None).override({"eval.reference_scored_classes": names[1:]}).to_dict()
     identity = {"model": student.config, "class_names": names, "splits": {"dir": str(splits)},
                 "dataset": {"name": "potsdam", "root": str(root), "classes": names}}
     path = tmp_path / "run" / "best.pt"
@@ -256,4 +255,4 @@ def test_unknown_protocol_and_class_names_are_one_line(potsdam_checkpoint, tmp_p
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     assert lines == ["error: --protocol paper: choose one of rsmtdf, reference"]
     with pytest.raises(RsmtdfError, match="reference_scored_classes: 'roads' is not a class"):
-        resolve_protocol("reference", {"reference_scored_classes": ["roads"]}, list(POTSDAM.names))
+        resolve_protocol("reference", EvalConfig(reference_scored_classes=("roads",)), list(POTSDAM.names))
