@@ -44,7 +44,8 @@ def pristine(tmp_path_factory, synthetic_root) -> SimpleNamespace:
     """A complete, undamaged cache and its recipe (with a tiny student, so training runs in seconds)."""
     work = tmp_path_factory.mktemp("faults")
     make_splits(open_dataset("loveda", synthetic_root), work / "splits")
-    recipe = write_recipe(work / "recipe.toml", synthetic_root, work / "splits", extra=STUDENT)
+    recipe = write_recipe(work / "recipe.toml", synthetic_root, work / "splits", sizes="{ effnet_lite0 = 56 }",
+                          extra=STUDENT)
     extract(recipe, work / "cache", check=True)
     cache = work / "cache"
     return SimpleNamespace(recipe=recipe, cache=cache, splits=work / "splits", hashes=tree_hashes(cache))
@@ -62,7 +63,7 @@ def target_chunk(pristine) -> tuple[str, int, int, int]:
     and a sample's view in an epoch is a pure function of (seed, epoch, id)."""
     sid = read_list(pristine.splits, "10pct/labeled")[0]
     i = FeatureCache.open(pristine.cache).ids.index(sid)
-    seed = load_recipe(pristine.recipe)["train"]["seed"]
+    seed = load_recipe(pristine.recipe).train.seed
     return sid, i, i // SHARD, int(_rng(seed, 0, sid, "l").integers(0, 2))
 
 
@@ -163,7 +164,7 @@ def test_fault_is_found_refused_and_repaired_bit_identically(pristine, tmp_path,
 
 def test_verify_and_repair_of_an_undamaged_cache_change_nothing(pristine, tmp_path):
     cache = damaged_copy(pristine, tmp_path)
-    assert "verified 3 shards (18 chunks)" in run_cli("inspect", "--verify", cache, check=True).stdout
+    assert "verified 3 shards (30 chunks)" in run_cli("inspect", "--verify", cache, check=True).stdout
     out = extract(pristine.recipe, cache, "--repair", check=True).stdout
     assert "repaired 0 damaged shards" in out and "shards done 0" in out
     assert tree_hashes(cache) == pristine.hashes
@@ -181,12 +182,11 @@ def test_cache_of_schema_1_is_refused_in_one_line(pristine, tmp_path):
 def test_non_finite_feature_is_an_error_naming_the_sample(pristine, tmp_path, monkeypatch):
     """A teacher output that is NaN (or beyond float16) is refused before its shard is written."""
     from rsmtdf.extract import extract as extract_fn
-    from rsmtdf.recipe import view_spec
     from rsmtdf.teachers import Teacher, build_teachers
 
     r = load_recipe(pristine.recipe)
-    ds = open_dataset("loveda", r["data"]["root"])
-    teachers = build_teachers(r["teachers"]["names"], sizes=r["teachers"]["sizes"])
+    ds = open_dataset("loveda", r.data.root)
+    teachers = build_teachers(list(r.teachers.names), sizes=r.teachers.sizes)
     real = Teacher.targets
 
     def poisoned(self, views):  # one batch per shard (2 samples × 2 views): poison the second shard's
@@ -200,7 +200,7 @@ def test_non_finite_feature_is_an_error_naming_the_sample(pristine, tmp_path, mo
     monkeypatch.setattr(Teacher, "targets", poisoned)
     out = tmp_path / "cache"
     with pytest.raises(RsmtdfError) as exc:
-        extract_fn(ds, r["data"]["splits"], view_spec(r), teachers, str(out), shard_samples=SHARD, num_workers=0,
+        extract_fn(ds, r.data.splits, r.view_spec(), teachers, str(out), shard_samples=SHARD, num_workers=0,
                    progress=False)
     sid = ds.ids_in("train")[SHARD + 1]  # second shard, its second sample, view 1 (crop 3 of the batch)
     assert f"sample '{sid}' view 1" in str(exc.value) and "non-finite" in str(exc.value)

@@ -31,7 +31,7 @@ REFERENCE_DIR = {"potsdam": "Potsdam", "deepglobe": "deepglobe"}
 
 @pytest.mark.parametrize("dataset", sorted(REFERENCE_COUNTS))
 def test_recipes_point_at_committed_lists_with_the_references_counts(dataset):
-    splits = ROOT / load_recipe(ROOT / "pipeline" / f"{dataset}.toml")["data"]["splits"]
+    splits = ROOT / load_recipe(ROOT / "pipeline" / f"{dataset}.toml").data.splits
     assert splits == ROOT / "pipeline" / "splits" / dataset
     found = {p.relative_to(splits).as_posix(): len(read_list(splits, p.relative_to(splits).with_suffix("").as_posix()))
              for p in splits.rglob("*.txt")}
