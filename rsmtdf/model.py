@@ -111,12 +111,33 @@ def _dinov2_pos_embed(vit: nn.Module, timm_pos_embed: Any, x: Tensor) -> Tensor:
     n = 0 if vit.no_embed_class else vit.num_prefix_tokens
     prefix, grid = vit.pos_embed[:, :n], vit.pos_embed[:, n:]
     grid = grid.float().reshape(1, gh, gw, C).permute(0, 3, 1, 2)
-    grid = F.interpolate(grid, scale_factor=((H + 0.1) / gh, (W + 0.1) / gw), mode="bicubic", antialias=False)
+    if torch.compiler.is_exporting():  # ONNX: the same resampling with H and W kept symbolic
+        grid = _bicubic_at_scale(grid, H, W)
+    else:
+        grid = F.interpolate(grid, scale_factor=((H + 0.1) / gh, (W + 0.1) / gw), mode="bicubic", antialias=False)
     pos = torch.cat([prefix, grid.permute(0, 2, 3, 1).reshape(1, H * W, C).to(prefix.dtype)], dim=1)
     tokens = [t.expand(B, -1, -1) for t in (vit.cls_token, vit.reg_token) if t is not None]
     x = x.reshape(B, H * W, C)
     x = torch.cat([*tokens, x + pos], dim=1) if vit.no_embed_class else torch.cat([*tokens, x], dim=1) + pos
     return vit.pos_drop(x)
+
+
+def _bicubic_at_scale(grid: Tensor, H: Any, W: Any) -> Tensor:
+    """`F.interpolate(scale_factor=(H + 0.1) / gh, ...)` as a `grid_sample` whose sampling points are
+    computed from H and W, so an export keeps them symbolic (interpolate's float scale would be
+    frozen at the example's size). Equal to interpolate in float64 to 1e-7; the exported model
+    matches PyTorch's logits to 5e-7 (tests/test_export.py)."""
+    gh, gw = grid.shape[-2:]
+
+    def points(n: Any, old: int) -> Tensor:  # at n == old DINOv2 keeps the embedding: scale 1 here
+        k = torch.arange(n, dtype=grid.dtype, device=grid.device)
+        size = torch.full((), n, dtype=grid.dtype, device=grid.device)
+        return (k + 0.5) * old / (size + 0.1 * (size != old).to(grid.dtype)) * 2 / old - 1
+
+    ys, xs = points(H, gh), points(W, gw)
+    yy, xx = torch.meshgrid(ys, xs, indexing="ij")
+    return F.grid_sample(grid, torch.stack([xx, yy], -1)[None], mode="bicubic", padding_mode="border",
+                         align_corners=False)
 
 
 class ResidualConvUnit(nn.Module):
