@@ -253,7 +253,7 @@ def _extract_shards(cache: FeatureCache, dataset: SegmentationDataset, ids: list
     if not missing and not cache.attrs.get("complete"):
         cache.finalize()
     return ExtractSummary(len(order), spec.count, time.perf_counter() - start, written, len(todo),
-                          len(owned) - len(todo), missing, empty)
+                          len(owned) - len(todo), missing, empty=empty)
 
 
 def _disk_full(output: str, layouts: list[TeacherLayout], views: int, storage: str, owned: list[int],

@@ -177,7 +177,7 @@ def test_checkpoint_whose_weights_do_not_fit_its_config(tmp_path):
     path = tmp_path / "best.pt"
     save_checkpoint({"identity": {"model": config, "class_names": ["a", "b", "c"]}, "student": net.state_dict(),
                      "ema": net.state_dict(), "recipe": '{"views": {"crop_size": 56}}'}, path)
-    error_line(run_cli("evaluate", "--checkpoint", path), str(path), "ema weights do not fit", "size mismatch")
+    error_line(run_cli("evaluate", "--checkpoint", path), str(path), "weights do not fit", "size mismatch")
 
 
 # ---- the schema itself ------------------------------------------------------------------------------------
