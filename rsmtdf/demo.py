@@ -36,7 +36,7 @@ def run_demo(workdir: Path, steps: int = 12) -> None:
     typer.echo(f"[2/5] split lists in {splits_dir}: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
     teachers = build_teachers(list(recipe.teachers.names), sizes=recipe.teachers.sizes)
     summary = extract(dataset, str(splits_dir), recipe.view_spec(), teachers, str(cache_dir),
-                      shard_samples=8, num_workers=recipe.train.workers)
+                      shard_samples=8, num_workers=recipe.train.workers, recipe=recipe.to_toml())
     typer.echo(f"[3/5] {summary.line()}")
     cache = FeatureCache.open(str(cache_dir))
     typer.echo(format_cache(cache))
