@@ -28,7 +28,8 @@ def extract_features(recipe: Recipe | str | Path | None, output: str | Path | No
     r = _recipe(recipe)
     data, t = r.data, r.teachers
     output = str(output or f"cache/{data.dataset}")
-    extract_shards(open_dataset(data.dataset, data.root, list(data.classes)), data.splits, r.view_spec(),
+    dataset = open_dataset(data.dataset, data.root, list(data.classes), data.tile_size, data.tile_stride)
+    extract_shards(dataset, data.splits, r.view_spec(),
                    build_teachers(list(t.names), teacher_weights, sizes=t.sizes), output, shard_index=shard_index,
                    num_shards=num_shards, batch_size=batch_size, num_workers=workers, storage=t.storage,
                    device=device, bands=data.bands, max_value=data.max_value, progress=progress)

@@ -60,7 +60,7 @@ class Plan:
         from .data import check_bands, open_dataset
 
         data = self.recipe.data
-        dataset = open_dataset(data.dataset, data.root, list(data.classes))
+        dataset = open_dataset(data.dataset, data.root, list(data.classes), data.tile_size, data.tile_stride)
         check_bands(dataset, data.bands, self.recipe.where("data.bands"))
         return dataset
 

@@ -3,12 +3,17 @@
 A dataset is a list of `Record`s (one per training tile) plus a `ClassTable` that turns the mask
 file's encoding (raw codes or colours) into class indices with 255 as ignore. LoveDA, Potsdam,
 DeepGlobe and a user's own folder are the same class with different tables and layouts.
+
+Pixels are read by window through `raster.RasterReader` (the project's one windowed reader): a tile
+reads only its window of the image and of the mask, never the whole scene. Scenes larger than a tile
+are cut on `tiling.TileGrid` (`[data] tile_size`, `tile_stride`); a mask on another georeferenced
+grid than its image is resampled onto the image's grid (nearest), and its nodata is ignored (255).
 """
 
 from __future__ import annotations
 
 import copy
-import functools
+import dataclasses
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -113,81 +118,18 @@ class Record:
 
     id: str
     image: Path
-    mask: Path | None
+    mask: Path | None  # None: an unlabeled scene, which only unlabeled split lists may name
     split: str  # "train" or "val" (the official split the file came from)
     domain: str = ""
-    window: tuple[int, int, int] | None = None  # (row, col, size) inside the scene
+    window: tuple[int, int, int, int] | None = None  # (row, col, height, width) inside the scene
 
-
-def read_raster(path: Path) -> tuple[np.ndarray, str | None, tuple[float, ...] | None]:
-    """Whole raster as H×W×C plus CRS and affine; cached so the tiles of one scene decode it once."""
-    return read_raster_with_nodata(path)[:3]
-
-
-def read_raster_with_nodata(path: Path) -> tuple[np.ndarray, str | None, tuple[float, ...] | None, float | None]:
-    """`read_raster` plus the raster's declared nodata value (None if it declares none)."""
-    try:
-        st = path.stat()
-    except OSError as exc:
-        raise RsmtdfError(f"{path}: unreadable image ({exc.strerror})") from None
-    return _read_raster_cached(path, st.st_mtime_ns, st.st_size)
-
-
-@functools.lru_cache(maxsize=4)
-def _read_raster_cached(path: Path, mtime_ns: int, size: int):
-    _check_png_end(path)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", NotGeoreferencedWarning)
-            with rasterio.open(path) as src:
-                data = src.read()
-                crs = src.crs.to_string() if src.crs else None
-                transform = tuple(src.transform)[:6] if src.crs else None
-                nodata = src.nodata
-    except RasterioIOError as exc:
-        raise RsmtdfError(f"{path}: unreadable image ({_first_line(exc)})") from None
-    return np.ascontiguousarray(data.transpose(1, 2, 0)), crs, transform, nodata
-
-
-def valid_pixels(image: np.ndarray, nodata: float | None) -> np.ndarray | None:
-    """H×W bool: False where a band is NaN or where every band equals the raster's nodata value
-    (GDAL's per-dataset mask); None when every pixel is valid."""
-    invalid = np.isnan(image).any(axis=2) if np.issubdtype(image.dtype, np.floating) else np.zeros(image.shape[:2], bool)
-    if nodata is not None and not np.isnan(nodata):
-        invalid |= (image == nodata).all(axis=2)
-    return ~invalid if invalid.any() else None
-
-
-def _check_png_end(path: Path) -> None:
-    """A PNG cut short decodes to zeros without any error in GDAL's fast whole-image path: refuse it.
-
-    Only files with the PNG signature are checked (GDAL judges the rest); IEND must be in the last bytes.
-    """
-    try:
-        with open(path, "rb") as f:
-            if f.read(8) != b"\x89PNG\r\n\x1a\n":
-                return
-            f.seek(max(0, f.seek(0, 2) - 4096))
-            tail = f.read()
-    except OSError:
-        return  # rasterio reports unopenable files
-    if b"IEND" not in tail:
-        raise RsmtdfError(f"{path}: truncated image (the PNG ends before its IEND chunk)")
+    @property
+    def labeled(self) -> bool:
+        return self.mask is not None
 
 
 def _first_line(exc: Exception) -> str:
     return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-
-
-def raster_shape(path: Path) -> tuple[int, int]:
-    """(height, width) from the header only, for cheap checks before any decoding."""
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", NotGeoreferencedWarning)
-            with rasterio.open(path) as src:
-                return src.height, src.width
-    except RasterioIOError as exc:
-        raise RsmtdfError(f"{path}: unreadable image ({_first_line(exc)})") from None
 
 
 def check_bands(dataset: SegmentationDataset, bands: tuple[int, ...], where: str) -> None:
@@ -206,19 +148,26 @@ def check_bands(dataset: SegmentationDataset, bands: tuple[int, ...], where: str
 
 
 class SegmentationDataset:
-    """Tiles of a segmentation dataset, listed once, read lazily with rasterio.
+    """Tiles of a segmentation dataset, listed once, read lazily by window with rasterio.
 
-    `records` is sorted by id; `load(i)` returns a `Sample`. Subclasses only list files.
+    `records` is sorted by id; `load(i)` returns a `Sample`. Subclasses only list files. With a
+    tile size, each scene is cut on a `tiling.TileGrid`; tiles without a valid pixel are left out
+    and counted in `skipped_empty`.
     """
 
     name = "folder"
     classes: ClassTable
     tile: int | None = None
+    stride: int | None = None  # None: the tile size
 
-    def __init__(self, root: str | Path, classes: ClassTable | None = None) -> None:
+    def __init__(self, root: str | Path, classes: ClassTable | None = None, tile_size: int | None = None,
+                 tile_stride: int | None = None) -> None:
         self.root = Path(root)
         if classes is not None:
             self.classes = classes
+        if tile_size is not None:
+            self.tile, self.stride = tile_size, tile_stride
+        self.skipped_empty = 0
         if not self.root.is_dir():
             raise RsmtdfError(f"{self.root}: dataset folder does not exist")
         records = sorted(self._list(), key=lambda r: r.id)
@@ -227,7 +176,8 @@ class SegmentationDataset:
         self.records = records
         self._index = {r.id: i for i, r in enumerate(records)}
 
-    layout = "images/ and masks/ with matching file names, optionally under Train/ and Val/"
+    layout = ("images/ and masks/ with matching file names (and unlabeled scenes in unlabeled/), "
+              "optionally under Train/ and Val/")
 
     def _list(self) -> list[Record]:
         splits = [("train", self.root / "Train"), ("val", self.root / "Val")]
@@ -235,36 +185,55 @@ class SegmentationDataset:
             splits = [("train", self.root)]
         records = []
         for split, base in splits:
-            records += self._pairs(base / "images", base / "masks", split, prefix=base.relative_to(self.root))
+            prefix = base.relative_to(self.root)
+            records += self._pairs(base / "images", base / "masks", split, prefix=prefix)
+            if split == "train":  # scenes without masks: unlabeled training data
+                records += self._pairs(base / "unlabeled", None, split, prefix=prefix / "unlabeled")
         return records
 
-    def _pairs(self, images: Path, masks: Path, split: str, prefix: Path, domain: str = "", pattern: str = "*",
-               mask_stem: tuple[str, str] = ("", "")) -> list[Record]:
-        """Image files `pattern` under `images` with their mask under `masks`, tiled if `self.tile`.
+    def _pairs(self, images: Path, masks: Path | None, split: str, prefix: Path, domain: str = "",
+               pattern: str = "*", mask_stem: tuple[str, str] = ("", "")) -> list[Record]:
+        """Image files `pattern` under `images` with their mask under `masks` (None: unlabeled
+        images), tiled if `self.tile`.
 
         The mask has the image's stem, with `mask_stem[0]` replaced by `mask_stem[1]` when given."""
         if not images.is_dir():
             return []
-        by_stem = {p.stem: p for p in masks.glob("*") if p.suffix.lower() in IMAGE_SUFFIXES} if masks.is_dir() else {}
+        by_stem = {p.stem: p for p in masks.glob("*") if p.suffix.lower() in IMAGE_SUFFIXES} \
+            if masks is not None and masks.is_dir() else {}
         records = []
         for image in sorted(p for p in images.glob(pattern) if p.suffix.lower() in IMAGE_SUFFIXES):
-            stem = image.stem.replace(*mask_stem) if mask_stem[0] else image.stem
-            mask = by_stem.get(stem)
-            if mask is None:
-                raise RsmtdfError(f"{image}: no mask for this image (looked for {masks}/{stem}.*)")
-            base_id = (prefix / image.stem).as_posix()
-            if self.tile is None:
-                records.append(Record(base_id, image, mask, split, domain))
-                continue
-            h, w = raster_shape(image)
-            if h % self.tile or w % self.tile:
-                raise RsmtdfError(f"{image}: size {h}×{w} is not a multiple of the {self.tile} px tile")
-            k = 0
-            for row in range(0, h, self.tile):
-                for col in range(0, w, self.tile):
-                    records.append(Record(f"{base_id}_{k}", image, mask, split, domain, (row, col, self.tile)))
-                    k += 1
+            mask = None
+            if masks is not None:
+                stem = image.stem.replace(*mask_stem) if mask_stem[0] else image.stem
+                mask = by_stem.get(stem)
+                if mask is None:
+                    raise RsmtdfError(f"{image}: no mask for this image (looked for {masks}/{stem}.*; "
+                                      f"put images without masks in unlabeled/)")
+            records += self._tiles(Record((prefix / image.stem).as_posix(), image, mask, split, domain))
         return records
+
+    def _tiles(self, scene: Record) -> list[Record]:
+        """The scene's tiles (the scene itself when untiled), those without a valid pixel left out."""
+        if self.tile is None:
+            return [scene]
+        from .raster import open_cached
+        from .tiling import TileGrid, empty_tiles
+
+        src = open_cached(scene.image)
+        grid = TileGrid(self.tile, self.stride or self.tile)
+        windows = grid.windows(src.height, src.width)
+        empty = empty_tiles(scene.image, grid)
+        self.skipped_empty += sum(empty)
+        return [dataclasses.replace(scene, id=self.tile_id(scene, k, w), window=(
+                    int(w.row_off), int(w.col_off), int(w.height), int(w.width)))
+                for k, (w, e) in enumerate(zip(windows, empty)) if not e]
+
+    def tile_id(self, scene: Record, k: int, window: Window) -> str:
+        """Tile k (raster order) of a scene: `<scene id>@<row>_<col>`, stable when scenes are added."""
+        from .tiling import tile_id
+
+        return tile_id(scene.id, window)
 
     def __len__(self) -> int:
         return len(self.records)
@@ -283,32 +252,56 @@ class SegmentationDataset:
             raise RsmtdfError(f"{self.root}: no sample '{sample_id}' in dataset '{self.name}'") from None
 
     def load(self, i: int, with_mask: bool = True) -> Sample:
-        """Read tile i: image and (checked, decoded) mask, cut to the tile's window."""
+        """Read tile i: its window of the image (every band) and of the (checked, decoded) mask."""
+        from .raster import open_cached
+
         r = self.records[i]
-        image, crs, transform, nodata = read_raster_with_nodata(r.image)
+        src = open_cached(r.image)
+        window = self._window(r, src)
+        image, valid = src.read_raw(window)
         mask = None
         if with_mask and r.mask is not None:
-            raw, _, _ = read_raster(r.mask)
-            if raw.shape[:2] != image.shape[:2]:
-                raise RsmtdfError(
-                    f"{r.mask}: mask is {raw.shape[0]}×{raw.shape[1]} but its image is {image.shape[0]}×{image.shape[1]}"
-                )
-            mask = self.classes.decode(raw, r.mask)
-        if r.window is not None:
-            row, col, size = r.window
-            image = image[row : row + size, col : col + size]
-            mask = None if mask is None else mask[row : row + size, col : col + size]
-            if transform is not None:
-                transform = tuple(rasterio.windows.transform(Window(col, row, size, size), rasterio.Affine(*transform)))[:6]
-        valid = valid_pixels(image, nodata)
-        if valid is not None and mask is not None:
-            mask = np.where(valid, mask, IGNORE).astype(np.uint8)
-        return Sample(r.id, np.array(image), mask, crs, transform, valid)  # a copy: the decoded scene is cached
+            mask = np.where(valid, self._read_mask(r, src, window), IGNORE).astype(np.uint8)
+        crs = src.crs.to_string() if src.georeferenced else None
+        transform = tuple(src.src.window_transform(window))[:6] if src.georeferenced else None
+        return Sample(r.id, image, mask, crs, transform, None if valid.all() else valid)
+
+    @staticmethod
+    def _window(r: Record, src) -> Window:
+        if r.window is None:
+            return Window(0, 0, src.width, src.height)
+        row, col, h, w = r.window
+        return Window(col, row, w, h)
+
+    def _read_mask(self, r: Record, image_src, window: Window) -> np.ndarray:
+        """The mask's class indices in `window` of the image's grid; mask nodata (and, for an aligned
+        mask, what lies outside it) is ignored. A mask on another grid is resampled onto the image's
+        grid (nearest) when both are georeferenced, and refused otherwise."""
+        from .raster import open_cached
+
+        src = open_cached(r.mask)
+        if not src.same_grid(image_src):
+            if not (src.georeferenced and image_src.georeferenced):
+                raise RsmtdfError(f"{r.mask}: mask grid {src.grid()} is not its image's grid {image_src.grid()} "
+                                  f"({r.image}), and without georeferencing on both it cannot be aligned")
+            src = open_cached(r.mask, align_to=r.image)
+        raw, valid = src.read_raw(window)
+        if valid.all():
+            return self.classes.decode(raw, r.mask)
+        mask = np.full(valid.shape, IGNORE, np.uint8)
+        if valid.any():  # decode only the pixels the mask has: nodata codes need not be in the table
+            mask[valid] = self.classes.decode(raw[valid][None], r.mask)[0]
+        return mask
 
     def size_of(self, i: int) -> tuple[int, int]:
         """(height, width) of tile i, from its window or the raster's header: views need no pixels."""
+        from .raster import open_cached
+
         r = self.records[i]
-        return (r.window[2], r.window[2]) if r.window is not None else raster_shape(r.image)
+        if r.window is not None:
+            return r.window[2], r.window[3]
+        src = open_cached(r.image)
+        return src.height, src.width
 
     def subset(self, ids: list[str]) -> SegmentationDataset:
         """The same dataset restricted to `ids`: for probes, tests and partial runs."""
@@ -319,9 +312,11 @@ class SegmentationDataset:
         return sub
 
     def describe(self) -> dict:
-        """What identifies this dataset in a cache's attributes."""
+        """What identifies this dataset in a cache's attributes (`open_described` reopens it)."""
+        tiling = {} if self.stride in (None, self.tile) else {"tile_stride": self.stride}
+        skipped = {"empty_tiles_skipped": self.skipped_empty} if self.skipped_empty else {}
         return {"name": self.name, "root": str(self.root.resolve()), "classes": list(self.classes.names),
-                "tile": self.tile, "num_samples": len(self)}
+                "tile": self.tile, **tiling, "num_samples": len(self), **skipped}
 
 
 class LoveDA(SegmentationDataset):
@@ -344,6 +339,18 @@ class LoveDA(SegmentationDataset):
                 records += self._pairs(base / "images_png", base / "masks_png", split.lower(),
                                        Path(split) / domain, domain.lower())
         return records
+
+    def _tiles(self, scene: Record) -> list[Record]:
+        from .raster import open_cached
+
+        src = open_cached(scene.image)
+        if src.height % self.tile or src.width % self.tile:
+            raise RsmtdfError(f"{scene.image}: size {src.height}×{src.width} is not a multiple of the {self.tile} px tile")
+        return super()._tiles(scene)
+
+    def tile_id(self, scene: Record, k: int, window: Window) -> str:
+        """DWL's names: `<stem>_<k>`, k in raster order (the committed split lists use them)."""
+        return f"{scene.id}_{k}"
 
 
 class Potsdam(SegmentationDataset):
@@ -383,16 +390,24 @@ DATASETS: dict[str, type[SegmentationDataset]] = {
 }
 
 
-def open_dataset(name: str, root: str | Path, class_names: list[str] | None = None) -> SegmentationDataset:
-    """Dataset by registry name; `folder` takes its class names from the recipe (mask codes 0..K-1)."""
+def open_dataset(name: str, root: str | Path, class_names: list[str] | None = None, tile_size: int | None = None,
+                 tile_stride: int | None = None) -> SegmentationDataset:
+    """Dataset by registry name; `folder` takes its class names from the recipe (mask codes 0..K-1).
+    `tile_size`/`tile_stride` cut its scenes into tiles (LoveDA's protocol fixes its own)."""
     if name not in DATASETS:
         raise RsmtdfError(f"unknown dataset '{name}' (known: {', '.join(DATASETS)})")
+    tiling = {"tile_size": tile_size, "tile_stride": tile_stride} if DATASETS[name].tile is None else {}
     if name == "folder":
         if not class_names:
             raise RsmtdfError("dataset 'folder' needs class names in the recipe ([data] classes = [...])")
         table = ClassTable(tuple(class_names), codes={**{k: k for k in range(len(class_names))}, IGNORE: IGNORE})
-        return SegmentationDataset(root, table)
-    return DATASETS[name](root)
+        return SegmentationDataset(root, table, **tiling)
+    return DATASETS[name](root, **tiling)
+
+
+def open_described(ds: dict) -> SegmentationDataset:
+    """The dataset a cache's or checkpoint's `dataset` attributes (`describe()`) name, tiled as it was."""
+    return open_dataset(ds["name"], ds["root"], ds.get("classes"), ds.get("tile"), ds.get("tile_stride"))
 
 
 def to_unit_rgb(image: np.ndarray, bands: tuple[int, int, int] = (0, 1, 2), max_value: float | None = None,

@@ -134,7 +134,7 @@ def evaluate_checkpoint(checkpoint: Path, split: str = "test", mode: str = "whol
     `eval_section` (a recipe's `[eval]`) defaults to the one the checkpoint was trained with."""
     import torch as _torch
 
-    from .data import open_dataset
+    from .data import open_described
     from .metrics import foreground
     from .predict import load_trained
     from .splits import read_list
@@ -159,7 +159,7 @@ def evaluate_checkpoint(checkpoint: Path, split: str = "test", mode: str = "whol
             raise RsmtdfError(f"{checkpoint}: model has {len(names)} classes {names}, "
                               f"cache {cache} has {len(a['dataset']['classes'])} {a['dataset']['classes']}")
         ds, splits = a["dataset"], a["splits"]["dir"]
-    dataset = open_dataset(ds["name"], ds["root"], ds["classes"])
+    dataset = open_described(ds)
     ids = read_list(splits, split)
     results = {}
     for which in (headline, "ema" if headline == "student" else "student"):

@@ -49,6 +49,7 @@ class ExtractSummary:
     repaired: list[int] | None = None
     repaired_ids: bool = False
     empty: int = 0  # samples of this run with no valid pixel in any view (training leaves them out)
+    skipped_tiles: int = 0  # tiles of the dataset's scenes without any valid pixel, never listed as samples
 
     def line(self) -> str:
         rate = self.samples / self.seconds if self.seconds > 0 else 0.0
@@ -59,7 +60,9 @@ class ExtractSummary:
                 f"({rate:.2f} samples/s), wrote {self.bytes_written / 1e6:.1f} MB; shards done {self.shards_done}, "
                 f"skipped {self.shards_skipped}; cache {state}"
                 + (f"; {self.empty} tiles have no valid pixels (NaN/nodata) and are left out of training"
-                   if self.empty else ""))
+                   if self.empty else "")
+                + (f"; {self.skipped_tiles} tiles of the scenes hold only nodata and are not samples"
+                   if self.skipped_tiles else ""))
 
 
 class ViewSource(Dataset):
@@ -182,6 +185,7 @@ def extract(dataset: SegmentationDataset, splits_dir: str, spec: ViewSpec, teach
             raise
         raise RsmtdfError(_disk_full(output, layouts, spec.count, storage, owned, shard_samples, len(ids))) from None
     summary.repaired, summary.repaired_ids = repaired, repaired_ids
+    summary.skipped_tiles = dataset.skipped_empty
     return summary
 
 

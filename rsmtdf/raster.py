@@ -7,18 +7,27 @@ missing pixels (the nodata value, an alpha band or an internal GDAL mask, i.e. G
 and NaN). Missing pixels are filled with `FILL`, the value views pad with, so a network never sees
 a nodata code as if it were data. `window_grid` is the one window layout for tiling, sliding
 evaluation and block-wise prediction.
+
+Datasets read their tiles through the same reader (every band, raw: `scaling=None`), kept open in a
+small per-process cache (`open_cached`) as torchgeo keeps file handles rather than decoded pixels;
+a mask on another grid than its image is read through a `WarpedVRT` onto the image's grid.
 """
 
 from __future__ import annotations
 
+import os
+import threading
 import warnings
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
 import rasterio
+from rasterio.enums import MaskFlags, Resampling
 from rasterio.errors import NotGeoreferencedWarning, RasterioIOError
+from rasterio.vrt import WarpedVRT
 from rasterio.windows import Window
 
 from .data import to_unit_rgb
@@ -33,13 +42,13 @@ def grid_offsets(length: int, size: int, stride: int, edge: Literal["shift", "pa
 
     edge="shift": the last window is moved back to end at the edge (every window full size, as
     sliding evaluation wants; an axis shorter than `size` gets one window that runs past it).
-    edge="partial": windows stay on the stride, the last one may end past the edge (tiling, where
-    the last partial tile is kept and cut to the raster).
+    edge="partial": windows stay on the stride, the last one is the first to reach the edge and may
+    end past it (tiling, where the last partial tile is kept and cut to the raster).
     """
     if size < 1 or stride < 1:
         raise ValueError(f"window size {size} and stride {stride} must be positive")
     if edge == "partial":
-        return list(range(0, length, stride)) or [0]
+        return list(range(0, -(-max(length - size, 0) // stride) * stride + 1, stride))
     last = max(length - size, 0)
     return sorted({*range(0, last, stride), last})
 
@@ -65,24 +74,34 @@ class BandScaling:
 
 
 class RasterReader:
-    """One open raster, read by window; a context manager. Not shared between threads."""
+    """One open raster, read by window; a context manager. Not shared between threads.
 
-    def __init__(self, path: str | Path, scaling: BandScaling = BandScaling()) -> None:
+    `scaling=None` reads every band raw (datasets: a Sample keeps all bands); `align_to` reads the
+    raster resampled (nearest) onto another reader's grid, pixels outside its extent invalid."""
+
+    def __init__(self, path: str | Path, scaling: BandScaling | None = BandScaling(), *,
+                 align_to: RasterReader | None = None) -> None:
         self.path = Path(path)
         self.scaling = scaling
+        check_png_end(self.path)
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", NotGeoreferencedWarning)
-                self.src = rasterio.open(self.path)
+                self.file = self.src = rasterio.open(self.path)
         except RasterioIOError as exc:
             raise RsmtdfError(f"{self.path}: unreadable raster ({first_line(exc)})") from None
-        count = self.src.count
-        if count == 1:
+        count = self.file.count
+        if align_to is not None:  # the alpha band it adds marks what lies outside this raster
+            self.src = WarpedVRT(self.file, crs=align_to.crs, transform=align_to.transform, width=align_to.width,
+                                 height=align_to.height, resampling=Resampling.nearest, add_alpha=True)
+        if scaling is None:
+            self.indexes = list(range(1, count + 1))
+        elif count == 1:
             self.indexes = [1]  # a single band is repeated to three, as to_unit_rgb does
         else:
             bad = [b for b in scaling.bands if not 0 <= b < count]
             if bad:
-                self.src.close()
+                self.close()
                 raise RsmtdfError(f"{self.path}: band {bad[0]} asked for, the raster has {count} bands (0..{count - 1})")
             self.indexes = [b + 1 for b in scaling.bands]
         self.height, self.width = self.src.height, self.src.width
@@ -97,6 +116,30 @@ class RasterReader:
 
     def close(self) -> None:
         self.src.close()
+        self.file.close()
+
+    def all_valid(self) -> bool:
+        """True when no pixel can be missing: no nodata, alpha or mask band, and no NaN (integers)."""
+        flags = [self.src.mask_flag_enums[i - 1] for i in self.indexes]
+        floats = any(np.issubdtype(np.dtype(self.src.dtypes[i - 1]), np.floating) for i in self.indexes)
+        return not floats and all(f == [MaskFlags.all_valid] for f in flags)
+
+    @property
+    def georeferenced(self) -> bool:
+        return self.crs is not None
+
+    def grid(self) -> str:
+        """The pixel grid in words, for error lines: size, CRS, origin and pixel size."""
+        t = self.transform
+        geo = f" {self.crs.to_string()} origin ({t.c:g}, {t.f:g}) pixel {t.a:g}×{-t.e:g}" if self.georeferenced else ""
+        return f"{self.height}×{self.width}{geo}"
+
+    def same_grid(self, other: RasterReader) -> bool:
+        """Pixel for pixel the same grid: same size and, where both are georeferenced, CRS and transform."""
+        if (self.height, self.width) != (other.height, other.width):
+            return False
+        both = self.georeferenced and other.georeferenced
+        return not both or (self.crs == other.crs and self.transform.almost_equals(other.transform))
 
     def read_raw(self, window: Window) -> tuple[np.ndarray, np.ndarray]:
         """(h×w×C pixels in the raster's dtype, h×w validity) of the selected bands in `window`;
@@ -125,12 +168,60 @@ class RasterReader:
 
     def read(self, window: Window) -> tuple[np.ndarray, np.ndarray]:
         """(h×w×3 float32 in [0, 1], h×w validity) for `window`; invalid pixels hold FILL."""
+        assert self.scaling is not None, "a raw reader (scaling=None) has no [0, 1] scaling"
         pixels, valid = self.read_raw(window)
         if np.issubdtype(pixels.dtype, np.floating):
             pixels = np.where(valid[..., None], pixels, 0)
         unit = to_unit_rgb(pixels, (0, 1, 2), self.scaling.max_value)  # bands were selected when reading
         unit[~valid] = FILL
         return unit, valid
+
+
+class _OpenReaders:
+    """Raw readers kept open by (process, thread, file state), least recently used closed first:
+    the tiles of a scene share one handle and GDAL's block cache, and a forked loader worker or a
+    rewritten file never reuses a stale handle."""
+
+    def __init__(self, size: int = 8) -> None:
+        self.size, self.readers = size, OrderedDict()
+
+    def get(self, path: Path, align_to: Path | None = None) -> RasterReader:
+        """The raw reader of `path`, resampled onto `align_to`'s grid when given."""
+        try:
+            st = path.stat()
+        except OSError as exc:
+            raise RsmtdfError(f"{path}: unreadable image ({exc.strerror})") from None
+        key = (os.getpid(), threading.get_ident(), str(path), st.st_mtime_ns, st.st_size, align_to)
+        if key in self.readers:
+            self.readers.move_to_end(key)
+            return self.readers[key]
+        reader = RasterReader(path, scaling=None, align_to=None if align_to is None else self.get(align_to))
+        self.readers[key] = reader
+        while len(self.readers) > self.size:
+            old_key, old = self.readers.popitem(last=False)
+            if old_key[0] == os.getpid():  # a parent's handle is the parent's to close
+                old.close()
+        return reader
+
+
+open_cached = _OpenReaders().get
+
+
+def check_png_end(path: Path) -> None:
+    """A PNG cut short decodes to zeros without any error in GDAL's fast whole-image path: refuse it.
+
+    Only files with the PNG signature are checked (GDAL judges the rest); IEND must be in the last bytes.
+    """
+    try:
+        with open(path, "rb") as f:
+            if f.read(8) != b"\x89PNG\r\n\x1a\n":
+                return
+            f.seek(max(0, f.seek(0, 2) - 4096))
+            tail = f.read()
+    except OSError:
+        return  # rasterio reports unopenable files
+    if b"IEND" not in tail:
+        raise RsmtdfError(f"{path}: truncated image (the PNG ends before its IEND chunk)")
 
 
 def first_line(exc: BaseException) -> str:

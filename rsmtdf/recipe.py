@@ -66,6 +66,9 @@ class DataConfig:
     classes: tuple[str, ...] = key((), doc="class names of a `folder` dataset (mask codes 0..K-1)")
     bands: tuple[int, int, int] = key((0, 1, 2), BAND_INDICES, doc="raster bands shown as RGB")
     max_value: float | None = key(None, above(0), doc="value of full brightness [default: the dtype's range]")
+    tile_size: int | None = key(None, at_least(1), doc="cut each scene into tiles of this many px, read by window "
+                                "[default: one sample per file]")
+    tile_stride: int | None = key(None, at_least(1), doc="px from one tile to the next [default: tile_size]")
 
 
 @dataclass(frozen=True)
@@ -219,6 +222,15 @@ class Recipe:
                 raise RsmtdfError(f"{self.where('teachers.names')}: {exc}") from None
         if self.data.dataset == "folder" and not self.data.classes:
             raise RsmtdfError(f"{self.where('data.classes')}: dataset 'folder' needs its class names")
+        d = self.data
+        if d.dataset == "loveda" and (d.tile_size, d.tile_stride) not in ((None, None), (512, None), (512, 512)):
+            raise RsmtdfError(f"{self.where('data.tile_size')}: LoveDA's protocol cuts its scenes into 512 px tiles; "
+                              f"leave tile_size and tile_stride unset")
+        if d.tile_stride is not None and d.tile_size is None:
+            raise RsmtdfError(f"{self.where('data.tile_stride')}: needs [data] tile_size")
+        if d.tile_stride is not None and d.tile_stride > d.tile_size:
+            raise RsmtdfError(f"{self.where('data.tile_stride')}: expected at most tile_size ({d.tile_size}); "
+                              f"a longer stride leaves pixels out of every tile")
         return self
 
     def teacher_sizes(self) -> dict[str, int]:

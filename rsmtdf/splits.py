@@ -25,9 +25,10 @@ FRACTIONS = {"1pct": 0.01, "5pct": 0.05, "10pct": 0.10}
 
 
 def _by_domain(dataset: SegmentationDataset, split: str) -> dict[str, list[str]]:
+    """Labeled samples of a split by domain (samples without masks only go to unlabeled lists)."""
     groups: dict[str, list[str]] = defaultdict(list)
     for r in dataset.records:
-        if r.split == split:
+        if r.split == split and r.labeled:
             groups[r.domain].append(r.id)
     return {d: sorted(ids) for d, ids in sorted(groups.items())}
 
@@ -41,13 +42,15 @@ def make_splits(dataset: SegmentationDataset, out: str | Path, seed: int = 0,
                 fractions: dict[str, float] | None = None) -> dict[str, int]:
     """Write the split lists; returns the number of ids in each file.
 
-    Labeled sets are prefixes of one seeded permutation per domain, so 1 % ⊂ 5 % ⊂ 10 %.
+    Labeled sets are prefixes of one seeded permutation per domain, so 1 % ⊂ 5 % ⊂ 10 %; samples
+    without a mask are in every unlabeled list.
     """
     out = Path(out)
     fractions = FRACTIONS if fractions is None else fractions
     train, val = _by_domain(dataset, "train"), _by_domain(dataset, "val")
     if not train:
-        raise RsmtdfError(f"{dataset.root}: no training images to split")
+        raise RsmtdfError(f"{dataset.root}: no labeled training images to split")
+    maskless = [r.id for r in dataset.records if not r.labeled]
     files: dict[str, list[str]] = {}
     for name, frac in fractions.items():
         labeled, unlabeled = [], []
@@ -56,7 +59,7 @@ def make_splits(dataset: SegmentationDataset, out: str | Path, seed: int = 0,
             n = max(1, round(frac * len(ids)))
             labeled += order[:n]
             unlabeled += order[n:]
-        files[f"{name}/labeled.txt"], files[f"{name}/unlabeled.txt"] = sorted(labeled), sorted(unlabeled)
+        files[f"{name}/labeled.txt"], files[f"{name}/unlabeled.txt"] = sorted(labeled), sorted(unlabeled + maskless)
     files["val.txt"], files["test.txt"] = [], []
     for domain, ids in val.items():
         order = _shuffled(ids, seed, f"val/{domain}")
@@ -117,9 +120,21 @@ def check_lists(splits_dir: str | Path, dataset: SegmentationDataset) -> dict[st
             if name and name not in known:
                 missing += 1
                 first = first or (f, n, name)
+        if first is None and f.name != "unlabeled.txt":
+            check_labeled(dataset, names, f)
         counts[f.relative_to(root).as_posix()] = sum(1 for name in names if name)
     if first is not None:
         f, n, name = first
         raise RsmtdfError(f"{f}: line {n} names '{name}', which {dataset.root} does not hold "
                           f"({missing} of {sum(counts.values())} names missing; dataset '{dataset.name}' reads {dataset.layout})")
     return counts
+
+
+def check_labeled(dataset: SegmentationDataset, names: list[str], where: str | Path) -> None:
+    """Refuse a list that needs masks (labeled, val, test) naming a sample without one."""
+    maskless = {r.id: r for r in dataset.records if not r.labeled}
+    for n, name in enumerate(names, 1):
+        if name in maskless:
+            r = maskless[name]
+            raise RsmtdfError(f"{where}: line {n} names '{name}', which has no mask ({r.image}); "
+                              f"only unlabeled lists may name it")

@@ -34,7 +34,7 @@ from tqdm import tqdm
 from . import splits as splits_mod
 from .cache import CacheReader, FeatureCache, mismatch
 from .checkpoint import load_checkpoint, save_checkpoint
-from .data import IGNORE, SegmentationDataset, check_bands, open_dataset, to_unit_rgb
+from .data import DATASETS, IGNORE, SegmentationDataset, check_bands, open_dataset, open_described, to_unit_rgb
 from .errors import RsmtdfError, worker_errors_as_lines
 from .evaluate import evaluate
 from .extract import view_table
@@ -227,7 +227,7 @@ class Trainer:
                 raise RsmtdfError("--teachers cached needs --cache (or run with --teachers online)")
             t, d = recipe.teachers, recipe.data
             teachers = build_teachers(list(t.names), teacher_weights, sizes=t.sizes)
-            self.cache = view_table(open_dataset(d.dataset, d.root, list(d.classes)), d.splits, recipe.view_spec(),
+            self.cache = view_table(open_dataset(d.dataset, d.root, list(d.classes), d.tile_size, d.tile_stride), d.splits, recipe.view_spec(),
                                     teachers)
             cache_path = self.cache.url
         else:
@@ -241,13 +241,14 @@ class Trainer:
             raise RsmtdfError(f"{self.splits_dir}: split lists changed since the cache {cache_path} was made")
         self._check_recipe(cache_path)
         ds = a["dataset"]
-        self.dataset = open_dataset(ds["name"], ds["root"], ds["classes"])
+        self.dataset = open_described(ds)
         check_bands(self.dataset, recipe.data.bands, recipe.where("data.bands"))
         self.class_names = list(ds["classes"])
         ids = self.cache.ids
         index = {sid: i for i, sid in enumerate(ids)}
         labeled = splits_mod.read_list(self.splits_dir, f"{split}/labeled")
         unlabeled = splits_mod.read_list(self.splits_dir, f"{split}/unlabeled")
+        splits_mod.check_labeled(self.dataset, labeled, Path(self.splits_dir) / f"{split}/labeled.txt")
         for sid in labeled + unlabeled:
             if sid not in index:
                 raise RsmtdfError(f"{cache_path}: split '{split}' names sample '{sid}', which the cache does not hold")
@@ -261,6 +262,7 @@ class Trainer:
             if not labeled:
                 raise RsmtdfError(f"{cache_path}: every labeled tile of split '{split}' is without valid pixels")
         self.val_ids = splits_mod.read_list(self.splits_dir, "val")
+        splits_mod.check_labeled(self.dataset, self.val_ids, Path(self.splits_dir) / "val.txt")
         self.split = split
 
         torch.manual_seed(tr.seed)
@@ -331,6 +333,10 @@ class Trainer:
         wanted = {"dataset": r.data.dataset, "crop": r.views.crop_size, "teachers": list(r.teachers.names)}
         found = {"dataset": a["dataset"]["name"], "crop": a["views"]["crop_size"],
                  "teachers": [t["name"] for t in a["teachers"]]}
+        if DATASETS[r.data.dataset].tile is None:  # tiles the recipe chooses (LoveDA's are its protocol's)
+            d, ds = r.data, a["dataset"]
+            wanted["tiles"] = [d.tile_size, d.tile_stride or d.tile_size]
+            found["tiles"] = [ds.get("tile"), ds.get("tile_stride", ds.get("tile"))]
         for key in wanted:
             if wanted[key] != found[key]:
                 raise RsmtdfError(f"{cache_path}: cache has {key} {found[key]}, the recipe asks for {wanted[key]}")

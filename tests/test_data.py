@@ -18,7 +18,7 @@ def test_loveda_real_scenes_tile_and_decode(loveda_sample):
     assert len(ds.ids_in("train")) == 8 and len(ds.ids_in("val")) == 4
     for rec in ds.records:
         raw = np.array(Image.open(rec.mask))
-        row, col, size = rec.window
+        row, col, size, _ = rec.window  # (row, col, height, width): LoveDA tiles are square
         raw_tile = raw[row : row + size, col : col + size]
         s = ds.load(ds.index(rec.id))
         assert s.image.shape == (512, 512, 3) and s.image.dtype == np.uint8

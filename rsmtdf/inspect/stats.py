@@ -382,10 +382,10 @@ def format_stats(result: dict, red=lambda s: s) -> str:
 
 def cache_dataset(cache: FeatureCache) -> SegmentationDataset | None:
     """The dataset a cache was made from (its attrs say where), or None when it is not at hand."""
-    from ..data import open_dataset
+    from ..data import open_described
 
     ds = cache.attrs["dataset"]
     try:
-        return open_dataset(ds["name"], ds["root"], ds.get("classes"))
+        return open_described(ds)
     except RsmtdfError:
         return None
