@@ -1,6 +1,6 @@
 """`rsmtdf bench`: the measured goals of DESIGN §6 as ratios of two timings taken in one run.
 
-Five parts, each runnable alone:
+Six parts, each runnable alone:
 
 - `step`    one training step in four set-ups at the same batch and crop: FixMatch without
             distillation, RS-MTDF with targets handed in from memory, RS-MTDF reading targets from
@@ -16,6 +16,8 @@ Five parts, each runnable alone:
             EfficientNet-Lite0 features (real weights) on the real LoveDA sample when present.
 - `predict` streamed mapping: peak memory at two scene sizes, throughput against the bare forward
             (`rsmtdf/bench_predict.py`).
+- `tiles`   one large scene read as tiles by window vs the same tiles as files: loading and
+            extraction rates, a loader worker's peak memory at two scene sizes (`rsmtdf/bench_tiles.py`).
 
 Speed does not depend on weights, so step/extract/read use the configured architectures with random
 weights (`pretrained=False`); every figure is a ratio, with the absolute times beside it.
@@ -41,8 +43,9 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from .bench_predict import bench_predict
+from .bench_tiles import bench_tiles
 
-PARTS = ("step", "extract", "read", "size", "predict")
+PARTS = ("step", "extract", "read", "size", "predict", "tiles")
 LOVEDA_SAMPLE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "loveda-sample"
 
 
@@ -455,7 +458,7 @@ def bench_size(ctx: Context) -> dict:
 
 
 BENCHES = {"step": bench_step, "extract": bench_extract, "read": bench_read, "size": bench_size,
-           "predict": bench_predict}
+           "predict": bench_predict, "tiles": bench_tiles}
 
 
 def run(parts: list[str], size: str = "default", device: str | None = None, out: str | Path | None = None,

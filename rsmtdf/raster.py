@@ -11,6 +11,8 @@ evaluation and block-wise prediction.
 Datasets read their tiles through the same reader (every band, raw: `scaling=None`), kept open in a
 small per-process cache (`open_cached`) as torchgeo keeps file handles rather than decoded pixels;
 a mask on another grid than its image is read through a `WarpedVRT` onto the image's grid.
+GDAL's block cache is capped at 64 MB per process (unless GDAL_CACHEMAX is set): its default, 5 % of
+the RAM, would let every loader worker's memory grow with the scenes it reads across.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from .data import to_unit_rgb
 from .recipe import Recipe
 from .errors import RsmtdfError
 
+os.environ.setdefault("GDAL_CACHEMAX", "64")  # MB; read by GDAL when its block cache is first used
 FILL = 0.0  # what missing pixels (nodata, outside the raster) become in [0, 1] input: views pad with 0 too
 
 
