@@ -137,7 +137,7 @@ def evaluate_checkpoint(checkpoint: Path, split: str = "test", mode: str = "whol
     from .data import open_described
     from .metrics import foreground
     from .predict import load_trained
-    from .splits import read_list
+    from .splits import check_labeled, read_list
 
     if mode not in MODES:
         raise RsmtdfError(f"--mode {mode}: choose one of {', '.join(MODES)}")
@@ -161,6 +161,7 @@ def evaluate_checkpoint(checkpoint: Path, split: str = "test", mode: str = "whol
         ds, splits = a["dataset"], a["splits"]["dir"]
     dataset = open_described(ds)
     ids = read_list(splits, split)
+    check_labeled(dataset, ids, Path(splits) / f"{split}.txt")
     results = {}
     for which in (headline, "ema" if headline == "student" else "student"):
         net = nets[which][0].to(device)
