@@ -28,7 +28,7 @@ from rasterio.transform import from_origin
 from rasterio.windows import Window
 
 SETTINGS = {  # size name -> (large scene, small scene, tile, tiles measured for the rates, repeats)
-    "quick": (1024, 512, 256, 8, 1),
+    "quick": (512, 256, 128, 4, 1),
     "default": (16384, 4096, 512, 48, 3),
 }
 CLASSES = ["land", "water"]

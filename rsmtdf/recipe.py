@@ -223,14 +223,15 @@ class Recipe:
         if self.data.dataset == "folder" and not self.data.classes:
             raise RsmtdfError(f"{self.where('data.classes')}: dataset 'folder' needs its class names")
         d = self.data
-        if d.dataset == "loveda" and (d.tile_size, d.tile_stride) not in ((None, None), (512, None), (512, 512)):
-            raise RsmtdfError(f"{self.where('data.tile_size')}: LoveDA's protocol cuts its scenes into 512 px tiles; "
-                              f"leave tile_size and tile_stride unset")
         if d.tile_stride is not None and d.tile_size is None:
             raise RsmtdfError(f"{self.where('data.tile_stride')}: needs [data] tile_size")
         if d.tile_stride is not None and d.tile_stride > d.tile_size:
             raise RsmtdfError(f"{self.where('data.tile_stride')}: expected at most tile_size ({d.tile_size}); "
                               f"a longer stride leaves pixels out of every tile")
+        if d.dataset == "loveda" and {d.tile_size, d.tile_stride} - {None, 512}:
+            k = "data.tile_size" if d.tile_size not in (None, 512) else "data.tile_stride"
+            raise RsmtdfError(f"{self.where(k)}: LoveDA's protocol cuts its scenes into 512 px tiles; "
+                              f"leave tile_size and tile_stride unset")
         return self
 
     def teacher_sizes(self) -> dict[str, int]:

@@ -80,6 +80,20 @@ def tiled(root: Path):
     return open_dataset("folder", root, CLASSES, tile_size=TILE)
 
 
+@pytest.mark.parametrize("data, needle", [
+    ({"tile_stride": 32}, "[data] tile_stride = 32: needs [data] tile_size"),
+    ({"dataset": "folder", "classes": CLASSES, "tile_size": 64, "tile_stride": 65}, "expected at most tile_size (64)"),
+    ({"tile_size": 256}, "[data] tile_size = 256: LoveDA's protocol cuts its scenes into 512 px tiles"),
+    ({"dataset": "folder", "classes": CLASSES, "tile_size": 0}, "[data] tile_size = 0: expected an integer"),
+])
+def test_tile_keys_are_checked_when_the_recipe_is_read(data, needle):
+    from rsmtdf.recipe import Recipe
+
+    with pytest.raises(RsmtdfError) as err:
+        Recipe.from_dict({"data": data}, "r.toml")
+    assert str(err.value).startswith("r.toml: ") and needle in str(err.value)
+
+
 @pytest.mark.parametrize("shape", [(200, 150), (128, 128), (130, 64), (50, 70)])
 @pytest.mark.parametrize("stride", [TILE, 40])
 def test_tiles_cover_the_scene_on_the_grid_with_no_pixel_lost(shape, stride):
