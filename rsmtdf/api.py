@@ -21,14 +21,14 @@ def extract_features(recipe: Recipe | str | Path | None, output: str | Path | No
     """Stage one: run the recipe's teachers over its dataset's training tiles and views into a cache
     at `output` (a path or fsspec URL; default cache/<dataset>), resumably; returns the open cache
     (complete once every worker's shards are written)."""
-    from .data import open_dataset
+    from .data import open_recipe_dataset
     from .extract import extract as extract_shards
     from .teachers import build_teachers
 
     r = _recipe(recipe)
     data, t = r.data, r.teachers
     output = str(output or f"cache/{data.dataset}")
-    dataset = open_dataset(data.dataset, data.root, list(data.classes), data.tile_size, data.tile_stride)
+    dataset = open_recipe_dataset(data)
     extract_shards(dataset, data.splits, r.view_spec(),
                    build_teachers(list(t.names), teacher_weights, sizes=t.sizes), output, shard_index=shard_index,
                    num_shards=num_shards, batch_size=batch_size, num_workers=workers, storage=t.storage,

@@ -117,7 +117,7 @@ def bench_predict(ctx) -> dict:
 
     def run_predict() -> None:
         predict_scene(net, scene, Outputs.beside(work / "maps" / "through.tif", False, False), scaling, tiling,
-                      names, "loveda", ctx.device)
+                      names, LOVEDA.colours(), ctx.device)
 
     @torch.no_grad()
     def run_bare() -> None:

@@ -132,7 +132,6 @@ def bench_tiles(ctx) -> dict:
     from .bench import interleaved_times
     from .data import open_dataset, to_unit_rgb
     from .extract import extract
-    from .splits import make_splits
     from .teachers import Teacher, teacher_config
     from .views import ViewSpec, apply_view
 
@@ -168,8 +167,9 @@ def bench_tiles(ctx) -> dict:
     runs = {k: 0 for k in layouts}
 
     def extraction(name, ds):
-        splits = work / f"splits-{name}"
-        make_splits(ds, splits)
+        splits = work / f"splits-{name}"  # one scene has no validation part: extraction only hashes the lists
+        (splits / "all").mkdir(parents=True, exist_ok=True)
+        (splits / "all" / "labeled.txt").write_text("".join(f"{i}\n" for i in ds.ids))
 
         def run() -> None:
             runs[name] += 1

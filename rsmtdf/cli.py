@@ -18,7 +18,7 @@ Recipe = Annotated[Optional[Path], typer.Option("--recipe", "-r", help="Recipe T
 Sets = Annotated[Optional[list[str]], typer.Option("--set", help="Override any recipe key: SECTION.KEY=VALUE "
                                                    "(TOML value; repeat), e.g. --set train.lr=1e-5.")]
 Root = Annotated[Optional[Path], typer.Option(help="Dataset folder (overrides the recipe).")]
-Output = Annotated[Optional[str], typer.Option("--output", "-o", help="Cache path or fsspec URL [default: cache/<dataset>].")]
+Output = Annotated[Optional[str], typer.Option("--output", "-o", help="Cache path or fsspec URL [default: cache/<dataset>, a folder recipe's cache/<recipe name>].")]
 Teachers = Annotated[Optional[list[str]], typer.Option("--teacher", help="Teacher name (repeat); overrides the recipe.")]
 TeacherWeights = Annotated[Optional[list[str]], typer.Option("--teacher-weights", help="NAME=PATH of a weights file.")]
 Views = Annotated[Optional[int], typer.Option("--views", help="Views per sample (A).")]
@@ -48,7 +48,7 @@ class Plan:
              "teachers.names": teacher or None, "teachers.storage": storage},
             origin={"data.root": "--root", "views.count": "--views", "views.crop_size": "--crop-size",
                     "teachers.names": "--teacher", "teachers.storage": "--storage"})
-        self.output = output or f"cache/{self.recipe.data.dataset}"
+        self.output = output or f"cache/{self.recipe.name}"
         self.weights = {}
         for item in teacher_weights or []:
             name, sep, path = item.partition("=")
@@ -57,10 +57,10 @@ class Plan:
             self.weights[name] = path
 
     def dataset(self):
-        from .data import check_bands, open_dataset
+        from .data import check_bands, open_recipe_dataset
 
         data = self.recipe.data
-        dataset = open_dataset(data.dataset, data.root, list(data.classes), data.tile_size, data.tile_stride)
+        dataset = open_recipe_dataset(data)
         check_bands(dataset, data.bands, self.recipe.where("data.bands"))
         return dataset
 
@@ -261,20 +261,26 @@ def make_splits_cmd(
     recipe: Recipe = None, sets: Sets = None, root: Root = None,
     out: Annotated[Optional[Path], typer.Option(help="Folder for the lists [default: the recipe's splits].")] = None,
     seed: Annotated[int, typer.Option(help="Seed of the shuffle (the reference used none).")] = 0,
+    val_fraction: Annotated[Optional[float], typer.Option(
+        help="Hold out this share of the training scenes as val/test (for datasets without a Val/ folder).")] = None,
+    allow_missing_classes: Annotated[bool, typer.Option(
+        help="Write labeled lists in which a class never occurs.")] = False,
 ) -> None:
     """Write DWL-protocol split lists: 1 %, 5 %, 10 % labeled per domain; official Val 50/50 val/test.
+
+    Prints and writes (class_counts.json) the labeled pixels per class of each list, and refuses a
+    labeled list missing a class unless --allow-missing-classes.
 
     Example:
 
       rsmtdf make-splits -r pipeline/loveda.toml --root /data/LoveDA
+      rsmtdf make-splits -r pipeline/mine.toml --val-fraction 0.2
     """
-    from .splits import make_splits, splits_sha256
+    from .splits import write_checked_splits
 
     plan = Plan(recipe, root, None, None, None, None, None, None, sets)
     target = out or Path(plan.recipe.data.splits)
-    counts = make_splits(plan.dataset(), target, seed)
-    typer.echo(", ".join(f"{k}: {v}" for k, v in counts.items()))
-    typer.echo(f"wrote {len(counts)} lists to {target} (sha256 {splits_sha256(target)[:12]})")
+    typer.echo(write_checked_splits(plan.dataset(), target, seed, val_fraction, allow_missing_classes))
 
 
 @app.command("check-splits")

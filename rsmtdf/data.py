@@ -17,6 +17,7 @@ import dataclasses
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import rasterio
@@ -24,6 +25,9 @@ from rasterio.errors import NotGeoreferencedWarning, RasterioIOError
 from rasterio.windows import Window
 
 from .errors import RsmtdfError
+
+if TYPE_CHECKING:
+    from .recipe import DataConfig
 
 IGNORE = 255
 # What networks see where a raster has no data (NaN or its nodata value), in [0, 1] RGB: the ImageNet
@@ -33,19 +37,24 @@ NODATA_FILL = (0.485, 0.456, 0.406)
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
 
 
+Colour = tuple[int, int, int]
+
+
 @dataclass(frozen=True)
 class ClassTable:
-    """Class names and how a mask file encodes them.
+    """Class names, how a mask file encodes them, and how maps draw them.
 
     `codes` maps a raw mask value to a class index (or IGNORE); `colors` maps an RGB colour to a
     class index. RGB masks use `colors` when there are any, single-band masks `codes` (a table may
-    have both: DWL's preparation turns the ISPRS colours into index masks); a value or colour not in
-    the table is an error.
+    have both: DWL's preparation turns the ISPRS colours into index masks). A value or colour that
+    is neither a class nor ignored is refused, never guessed: a 0/255 road mask read with codes
+    0..1 would otherwise train on nothing. `palette` is one display colour per class ([] = tab20).
     """
 
     names: tuple[str, ...]
     codes: dict[int, int] = field(default_factory=dict)
-    colors: dict[tuple[int, int, int], int] = field(default_factory=dict)
+    colors: dict[Colour, int] = field(default_factory=dict)
+    palette: tuple[Colour, ...] = ()
 
     @property
     def num_classes(self) -> int:
@@ -58,10 +67,9 @@ class ClassTable:
                 raise RsmtdfError(f"{path}: expected an RGB colour mask, got {raw.shape[2:] or 'one band'}")
             key = (raw[..., 0].astype(np.int64) << 16) | (raw[..., 1].astype(np.int64) << 8) | raw[..., 2]
             table = {(r << 16) | (g << 8) | b: k for (r, g, b), k in self.colors.items()}
-            values, inverse = np.unique(key, return_inverse=True)
-            unknown = [f"#{v:06x}" for v in values if int(v) not in table]
-            if unknown:
-                raise RsmtdfError(f"{path}: mask colours {', '.join(unknown[:5])} are not in the class table")
+            values, inverse, counts = np.unique(key, return_inverse=True, return_counts=True)
+            self._refuse([(f"#{int(v):06x}", int(c)) for v, c in zip(values, counts) if int(v) not in table],
+                         path, "colour")
             lut = np.array([table[int(v)] for v in values], dtype=np.uint8)
             return lut[inverse].reshape(raw.shape[:2])
         if raw.ndim == 3:
@@ -71,16 +79,53 @@ class ClassTable:
             lut[code] = k
         mapped = lut[raw]
         if (mapped < 0).any():
-            bad = sorted(int(v) for v in np.unique(raw[mapped < 0]))
-            raise RsmtdfError(
-                f"{path}: mask codes {bad[:8]} are outside the class table (allowed {sorted(self.codes)})"
-            )
+            values, counts = np.unique(raw[mapped < 0], return_counts=True)
+            self._refuse([(str(int(v)), int(c)) for v, c in zip(values, counts)], path, "code")
         return mapped.astype(np.uint8)
+
+    def _refuse(self, unknown: list[tuple[str, int]], path: Path, kind: str) -> None:
+        """One line naming the values that are neither a class nor ignored, with their pixel counts."""
+        if not unknown:
+            return
+        shown = ", ".join(f"{v} ({c:,} px)".replace(",", " ") for v, c in unknown[:6])
+        declared = self.colors if kind == "colour" else self.codes
+        known = ", ".join(
+            f"{self.names[k]} = {f'#{(c[0] << 16) | (c[1] << 8) | c[2]:06x}' if kind == 'colour' else c}"
+            for c, k in declared.items() if k != IGNORE)
+        ignored = [c for c, k in declared.items() if k == IGNORE]
+        raise RsmtdfError(f"{path}: mask {kind}{'s' if len(unknown) > 1 else ''} {shown} "
+                          f"{'are' if len(unknown) > 1 else 'is'} neither a class nor ignored "
+                          f"(classes: {known}; ignored: {ignored or 'none'}); declare "
+                          f"{'it' if len(unknown) == 1 else 'them'} in [data] {'colors' if kind == 'colour' else 'codes'} "
+                          f"or ignore_codes")
+
+    def colours(self) -> np.ndarray:
+        """(256, 3) uint8 display colours by class index (the palette, else tab20); ignore is black."""
+        from matplotlib import colormaps
+
+        table = np.zeros((256, 3), np.uint8)
+        tab = (np.array(colormaps["tab20"].colors) * 255).astype(np.uint8)
+        table[: self.num_classes] = tab[np.arange(self.num_classes) % len(tab)]
+        for k, rgb in enumerate(self.palette[: self.num_classes]):
+            table[k] = rgb
+        return table
+
+    def to_attrs(self) -> dict:
+        """JSON-able form kept in a cache's dataset attributes (`from_attrs` reads it back)."""
+        return {"names": list(self.names), "codes": [[c, k] for c, k in self.codes.items()],
+                "colors": [[*c, k] for c, k in self.colors.items()], "palette": [list(c) for c in self.palette]}
+
+    @classmethod
+    def from_attrs(cls, a: dict) -> ClassTable:
+        return cls(tuple(a["names"]), {int(c): int(k) for c, k in a["codes"]},
+                   {(int(r), int(g), int(b)): int(k) for r, g, b, k in a["colors"]},
+                   tuple(tuple(int(v) for v in c) for c in a["palette"]))
 
 
 LOVEDA = ClassTable(
     names=("background", "building", "road", "water", "barren", "forest", "agriculture"),
     codes={0: IGNORE, **{k: k - 1 for k in range(1, 8)}},
+    palette=((255, 255, 255), (255, 0, 0), (255, 255, 0), (0, 0, 255), (159, 129, 183), (0, 255, 0), (255, 195, 128)),
 )
 POTSDAM = ClassTable(  # index masks as DWL writes them: 0 = impervious surface ... 5 = clutter
     names=("impervious surface", "building", "low vegetation", "tree", "car", "clutter"),
@@ -88,6 +133,7 @@ POTSDAM = ClassTable(  # index masks as DWL writes them: 0 = impervious surface 
     colors={
         (255, 255, 255): 0, (0, 0, 255): 1, (0, 255, 255): 2, (0, 255, 0): 3, (255, 255, 0): 4, (255, 0, 0): 5,
     },
+    palette=((255, 255, 255), (0, 0, 255), (0, 255, 255), (0, 255, 0), (255, 255, 0), (255, 0, 0)),
 )
 DEEPGLOBE = ClassTable(  # index masks as DWL writes them: 0 = urban ... 6 = unknown
     names=("urban", "agriculture", "rangeland", "forest", "water", "barren", "unknown"),
@@ -96,7 +142,40 @@ DEEPGLOBE = ClassTable(  # index masks as DWL writes them: 0 = urban ... 6 = unk
         (0, 255, 255): 0, (255, 255, 0): 1, (255, 0, 255): 2, (0, 255, 0): 3, (0, 0, 255): 4,
         (255, 255, 255): 5, (0, 0, 0): 6,
     },
+    palette=((0, 255, 255), (255, 255, 0), (255, 0, 255), (0, 255, 0), (0, 0, 255), (255, 255, 255), (0, 0, 0)),
 )
+
+
+def hex_colour(text: str) -> Colour | None:
+    """"#rrggbb" → (r, g, b), or None when it is not one."""
+    if len(text) != 7 or text[0] != "#":
+        return None
+    try:
+        return int(text[1:3], 16), int(text[3:5], 16), int(text[5:7], 16)
+    except ValueError:
+        return None
+
+
+def class_table(data: DataConfig) -> ClassTable:
+    """The class table a recipe's `[data]` section gives: a known dataset's own (with the recipe's
+    palette, if any), or a folder's from `classes`, `codes`, `colors` and `ignore_codes` (codes
+    0..K-1 and nothing else when no codes are given). The recipe checked names and values."""
+    names = tuple(data.classes)
+    if data.dataset != "folder":
+        table = DATASETS[data.dataset].classes
+        names = table.names
+    else:
+        codes: dict[int, int] = {}
+        for k, name in enumerate(names):
+            given = data.codes.get(name, () if data.codes or data.colors else k)
+            for code in (given,) if isinstance(given, int) else given:
+                codes[code] = k
+        codes.update({c: IGNORE for c in data.ignore_codes})
+        colors = {tuple(rgb): names.index(n) for n, rgb in data.colors.items()}
+        table = ClassTable(names, codes, colors)
+    given = {names.index(n): hex_colour(c) for n, c in data.palette.items()}
+    default = table.palette or tuple(map(tuple, table.colours()[: len(names)].tolist()))
+    return dataclasses.replace(table, palette=tuple(given.get(k, default[k]) for k in range(len(names))))
 
 
 @dataclass
@@ -305,18 +384,22 @@ class SegmentationDataset:
 
     def subset(self, ids: list[str]) -> SegmentationDataset:
         """The same dataset restricted to `ids`: for probes, tests and partial runs."""
-        sub = copy.copy(self)
         keep = set(ids)
-        sub.records = [r for r in self.records if r.id in keep]
-        sub._index = {r.id: i for i, r in enumerate(sub.records)}
-        return sub
+        return self.with_records([r for r in self.records if r.id in keep])
+
+    def with_records(self, records: list[Record]) -> SegmentationDataset:
+        """The same dataset listing `records` instead (a subset, or splits reassigned)."""
+        other = copy.copy(self)
+        other.records = records
+        other._index = {r.id: i for i, r in enumerate(records)}
+        return other
 
     def describe(self) -> dict:
         """What identifies this dataset in a cache's attributes (`open_described` reopens it)."""
         tiling = {} if self.stride in (None, self.tile) else {"tile_stride": self.stride}
         skipped = {"empty_tiles_skipped": self.skipped_empty} if self.skipped_empty else {}
         return {"name": self.name, "root": str(self.root.resolve()), "classes": list(self.classes.names),
-                "tile": self.tile, **tiling, "num_samples": len(self), **skipped}
+                "class_table": self.classes.to_attrs(), "tile": self.tile, **tiling, "num_samples": len(self), **skipped}
 
 
 class LoveDA(SegmentationDataset):
@@ -390,24 +473,41 @@ DATASETS: dict[str, type[SegmentationDataset]] = {
 }
 
 
-def open_dataset(name: str, root: str | Path, class_names: list[str] | None = None, tile_size: int | None = None,
-                 tile_stride: int | None = None) -> SegmentationDataset:
-    """Dataset by registry name; `folder` takes its class names from the recipe (mask codes 0..K-1).
-    `tile_size`/`tile_stride` cut its scenes into tiles (LoveDA's protocol fixes its own)."""
+def open_dataset(name: str, root: str | Path, classes: list[str] | ClassTable | None = None,
+                 tile_size: int | None = None, tile_stride: int | None = None) -> SegmentationDataset:
+    """Dataset by registry name. `classes`: a class table, or a `folder`'s class names (mask codes
+    0..K-1, nothing ignored). `tile_size`/`tile_stride` cut its scenes into tiles (LoveDA's
+    protocol fixes its own)."""
     if name not in DATASETS:
         raise RsmtdfError(f"unknown dataset '{name}' (known: {', '.join(DATASETS)})")
     tiling = {"tile_size": tile_size, "tile_stride": tile_stride} if DATASETS[name].tile is None else {}
-    if name == "folder":
-        if not class_names:
-            raise RsmtdfError("dataset 'folder' needs class names in the recipe ([data] classes = [...])")
-        table = ClassTable(tuple(class_names), codes={**{k: k for k in range(len(class_names))}, IGNORE: IGNORE})
-        return SegmentationDataset(root, table, **tiling)
-    return DATASETS[name](root, **tiling)
+    if name == "folder" and not classes:
+        raise RsmtdfError("dataset 'folder' needs class names in the recipe ([data] classes = [...])")
+    if classes is not None and not isinstance(classes, ClassTable):
+        classes = ClassTable(tuple(classes), codes={k: k for k in range(len(classes))}) if name == "folder" else None
+    return DATASETS[name](root, classes, **tiling)
+
+
+def open_recipe_dataset(data: DataConfig) -> SegmentationDataset:
+    """The dataset a recipe's `[data]` section names, with its class table and tiling."""
+    return open_dataset(data.dataset, data.root, class_table(data), data.tile_size, data.tile_stride)
+
+
+def described_classes(ds: dict) -> ClassTable:
+    """The class table a cache's or checkpoint's `dataset` attributes record (caches from before
+    tables were kept: a known dataset's own, a folder's codes 0..K-1 with 255 ignored, as then)."""
+    if "class_table" in ds:
+        return ClassTable.from_attrs(ds["class_table"])
+    if ds["name"] != "folder":
+        return DATASETS[ds["name"]].classes
+    names = ds.get("classes") or []
+    return ClassTable(tuple(names), codes={**{k: k for k in range(len(names))}, IGNORE: IGNORE})
 
 
 def open_described(ds: dict) -> SegmentationDataset:
-    """The dataset a cache's or checkpoint's `dataset` attributes (`describe()`) name, tiled as it was."""
-    return open_dataset(ds["name"], ds["root"], ds.get("classes"), ds.get("tile"), ds.get("tile_stride"))
+    """The dataset a cache's or checkpoint's `dataset` attributes (`describe()`) name, tiled as it
+    was, with the class table it was made with."""
+    return open_dataset(ds["name"], ds["root"], described_classes(ds), ds.get("tile"), ds.get("tile_stride"))
 
 
 def to_unit_rgb(image: np.ndarray, bands: tuple[int, int, int] = (0, 1, 2), max_value: float | None = None,

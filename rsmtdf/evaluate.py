@@ -19,7 +19,7 @@ from tqdm import tqdm
 from .data import SegmentationDataset, to_unit_rgb
 from .errors import RsmtdfError
 from .metrics import ConfusionMatrix
-from .plots import palette, prediction_picture
+from .plots import prediction_picture
 from .recipe import EvalConfig
 
 MODES = ("whole", "sliding")
@@ -108,7 +108,7 @@ def evaluate(model: nn.Module, dataset: SegmentationDataset, ids: list[str], num
     was_training = model.training
     model.eval()
     cm, drawn = ConfusionMatrix(num_classes, device=device), 0
-    colours = palette(num_classes, dataset.classes.colors) if pictures is not None else None
+    colours = dataset.classes.colours() if pictures is not None else None
     for sid in tqdm(ids[rank::world], desc="evaluate", unit="tile", leave=False, dynamic_ncols=True,
                     disable=not progress or rank != 0):
         sample = dataset.load(dataset.index(sid))

@@ -37,19 +37,6 @@ def plot_curves(run_dir: str | Path) -> Path:
     return out
 
 
-def palette(num_classes: int, colors: dict[tuple[int, int, int], int] | None = None) -> np.ndarray:
-    """(256, 3) uint8 colours by class index: the dataset's own mask colours where it has them
-    (Potsdam, DeepGlobe), else matplotlib's tab20; ignore (255) is black."""
-    from matplotlib import colormaps
-
-    table = np.zeros((256, 3), np.uint8)
-    tab = (np.array(colormaps["tab20"].colors) * 255).astype(np.uint8)
-    table[:num_classes] = tab[np.arange(num_classes) % len(tab)]
-    for rgb, k in (colors or {}).items():
-        table[k] = rgb
-    return table
-
-
 def prediction_picture(image: np.ndarray, target: np.ndarray, pred: np.ndarray, colours: np.ndarray,
                        out: str | Path) -> Path:
     """image | ground truth | prediction, side by side, for one tile (image in [0, 1], H×W×3)."""

@@ -32,11 +32,10 @@ from rasterio.windows import Window
 from tqdm import tqdm
 
 from .checkpoint import load_checkpoint
-from .data import DATASETS
+from .data import described_classes
 from .errors import RsmtdfError
 from .model import Student
 from .recipe import Recipe, recipe_from_json
-from .plots import palette
 from .raster import BandScaling, RasterReader, first_line, window_grid
 
 NODATA = 255
@@ -347,14 +346,14 @@ def _to_cog(partial: Path, final: Path, resampling: str) -> None:
 
 
 def predict_scene(net: Student, path: Path, outputs: Outputs, scaling: BandScaling, tiling: Tiling,
-                  class_names: list[str], dataset: str, device: str | torch.device) -> SceneResult:
-    """Map one raster of any size to `outputs` (COGs), streaming it window by window."""
+                  class_names: list[str], colours: np.ndarray, device: str | torch.device) -> SceneResult:
+    """Map one raster of any size to `outputs` (COGs), streaming it window by window; `colours`
+    (256×3, `ClassTable.colours`) become the class map's colour table."""
     t0 = time.perf_counter()
     with RasterReader(path, scaling) as src:
         height, width, crs, transform = src.height, src.width, src.crs, src.transform
     rows = window_grid(height, width, tiling.window, tiling.stride)
     total = sum(map(len, rows))
-    table = DATASETS[dataset].classes.colors if dataset in DATASETS and dataset != "folder" else {}
     profile = {"driver": "GTiff", "height": height, "width": width, "dtype": "uint8", "nodata": NODATA,
                "tiled": True, "blockxsize": BLOCK, "blockysize": BLOCK, "compress": "zstd", "zstd_level": 1,
                "BIGTIFF": "IF_SAFER"}
@@ -369,7 +368,7 @@ def predict_scene(net: Student, path: Path, outputs: Outputs, scaling: BandScali
         bar.update(run + outside)
 
     try:
-        writer = _Writer(outputs, profile, class_names, palette(len(class_names), table))
+        writer = _Writer(outputs, profile, class_names, colours)
         try:
             with tqdm(total=total, desc=path.name, unit="win", leave=False) as bar:
                 for window, sums in blended_blocks(net, path, scaling, tiling, device, progress):
@@ -442,7 +441,7 @@ def predict_many(net: Student, scenes: list[Path], plans: list[Outputs], recipe:
                 echo(f"{scene}: {outputs.classes} is complete, skipped (--overwrite maps it again)")
                 continue
             try:
-                echo(predict_scene(net, scene, outputs, scaling, tiling, names, identity["dataset"]["name"],
+                echo(predict_scene(net, scene, outputs, scaling, tiling, names, described_classes(identity["dataset"]).colours(),
                                    device).summary())
             except RsmtdfError as exc:
                 fail(str(exc))

@@ -45,6 +45,11 @@ PROBABILITY = Rule(lambda v: 0 <= v <= 1, "in [0, 1]")
 ORDERED_RANGE = Rule(lambda v: 0 < v[0] <= v[1], "[low, high] with 0 < low <= high")
 BAND_INDICES = Rule(lambda v: all(b >= 0 for b in v), "of band indices >= 0 (0 is the first band)")
 POSITIVE_SIZES = Rule(lambda v: all(s >= 1 for s in v.values()), "of sizes >= 1 px")
+MASK_CODES = Rule(lambda v: all(c >= 0 for x in v.values() for c in ((x,) if isinstance(x, int) else x)),
+                  "of codes >= 0 per class name")
+RGB_VALUES = Rule(lambda v: all(0 <= c <= 255 for rgb in v.values() for c in rgb), "of [r, g, b] in 0..255 per class name")
+HEX_COLOURS = Rule(lambda v: all(len(c) == 7 and c[0] == "#" and all(h in "0123456789abcdefABCDEF" for h in c[1:])
+                                 for c in v.values()), 'of "#rrggbb" colours per class name')
 NONEMPTY_UNIQUE = Rule(lambda v: len(v) > 0 and len(set(v)) == len(v), "that is non-empty and without repeats")
 
 
@@ -63,7 +68,14 @@ class DataConfig:
     dataset: Literal["loveda", "potsdam", "deepglobe", "folder"] = key("loveda")
     root: str = key("data/LoveDA", doc="dataset folder")
     splits: str | None = key(None, doc="split-list folder [default: pipeline/splits/<dataset>]")
-    classes: tuple[str, ...] = key((), doc="class names of a `folder` dataset (mask codes 0..K-1)")
+    classes: tuple[str, ...] = key((), doc="class names of a `folder` dataset, in class-index order")
+    codes: dict[str, int | tuple[int, ...]] = key({}, MASK_CODES, doc="a folder's raw mask code(s) per class "
+                                                  "[default: 0..K-1 and nothing else]")
+    colors: dict[str, tuple[int, int, int]] = key({}, RGB_VALUES, doc="a folder's mask colour per class (RGB masks)")
+    ignore_codes: tuple[int, ...] = key((), Rule(lambda v: all(c >= 0 for c in v), "of codes >= 0"),
+                                        doc="a folder's mask codes meaning 'no label' (ignored by losses and metrics)")
+    palette: dict[str, str] = key({}, HEX_COLOURS, doc='display colour per class, "#rrggbb" '
+                                  "[default: the dataset's official colours, else tab20]")
     bands: tuple[int, int, int] = key((0, 1, 2), BAND_INDICES, doc="raster bands shown as RGB")
     max_value: float | None = key(None, above(0), doc="value of full brightness [default: the dtype's range]")
     tile_size: int | None = key(None, at_least(1), doc="cut each scene into tiles of this many px, read by window "
@@ -163,8 +175,16 @@ class Recipe:
         recipe = cls(**parts, source=source)
         if recipe.data.splits is None:
             recipe = dataclasses.replace(recipe, data=dataclasses.replace(
-                recipe.data, splits=f"pipeline/splits/{recipe.data.dataset}"))
+                recipe.data, splits=f"pipeline/splits/{recipe.name}"))
         return recipe.check()
+
+    @property
+    def name(self) -> str:
+        """What default split and cache paths are named after: a known dataset's name, a `folder`
+        recipe's file name (`pipeline/mine.toml` → `mine`), so two folder datasets never collide."""
+        if self.data.dataset == "folder" and self.source.endswith(".toml"):
+            return Path(self.source).stem
+        return self.data.dataset
 
     def to_dict(self) -> dict:
         """Plain data (lists, dicts, no None: TOML has no null) that `from_dict` reads back."""
@@ -222,6 +242,7 @@ class Recipe:
                 raise RsmtdfError(f"{self.where('teachers.names')}: {exc}") from None
         if self.data.dataset == "folder" and not self.data.classes:
             raise RsmtdfError(f"{self.where('data.classes')}: dataset 'folder' needs its class names")
+        self._check_class_table()
         d = self.data
         if d.tile_stride is not None and d.tile_size is None:
             raise RsmtdfError(f"{self.where('data.tile_stride')}: needs [data] tile_size")
@@ -233,6 +254,37 @@ class Recipe:
             raise RsmtdfError(f"{self.where(k)}: LoveDA's protocol cuts its scenes into 512 px tiles; "
                               f"leave tile_size and tile_stride unset")
         return self
+
+    def _check_class_table(self) -> None:
+        """Class-table keys name classes of the dataset; a folder's codes and colours are each one
+        class's, and once codes are given every class has one (else it could never be labeled)."""
+        from .data import DATASETS
+
+        d = self.data
+        names = d.classes if d.dataset == "folder" else DATASETS[d.dataset].classes.names
+        for k in ("codes", "colors", "ignore_codes"):
+            if getattr(d, k) and d.dataset != "folder":
+                raise RsmtdfError(f"{self.where('data.' + k)}: dataset '{d.dataset}' has its own class table; "
+                                  f"only a `folder` dataset takes codes, colors and ignore_codes")
+        for k in ("codes", "colors", "palette"):
+            for name in getattr(d, k):
+                if name not in names:
+                    raise RsmtdfError(f"{self.where('data.' + k)}: '{name}' is not a class ({', '.join(names)})")
+        seen: dict[int, str] = {}
+        for name, given in d.codes.items():
+            for code in (given,) if isinstance(given, int) else given:
+                if code in seen:
+                    raise RsmtdfError(f"{self.where('data.codes')}: code {code} is given to both '{seen[code]}' and '{name}'")
+                seen[code] = name
+        for code in d.ignore_codes:
+            if code in seen:
+                raise RsmtdfError(f"{self.where('data.ignore_codes')}: code {code} is also class '{seen[code]}'")
+        if d.codes or d.colors:
+            unlabeled = [n for n in names if n not in d.codes and n not in d.colors]
+            if unlabeled:
+                key = "data.codes" if d.codes else "data.colors"
+                raise RsmtdfError(f"{self.where(key)}: class '{unlabeled[0]}' has no code or colour, "
+                                  f"so no pixel could ever be labeled with it")
 
     def teacher_sizes(self) -> dict[str, int]:
         """Each teacher's input size: the recipe's `sizes`, else the teacher's own."""

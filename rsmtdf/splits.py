@@ -11,14 +11,19 @@ every cache and checkpoint so a run can tell that it uses the lists its cache wa
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import json
+import os
+import tempfile
 import zlib
 from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
-from .data import SegmentationDataset
+from .data import IGNORE, SegmentationDataset
 from .errors import RsmtdfError
 
 FRACTIONS = {"1pct": 0.01, "5pct": 0.05, "10pct": 0.10}
@@ -39,17 +44,24 @@ def _shuffled(ids: list[str], seed: int, key: str) -> list[str]:
 
 
 def make_splits(dataset: SegmentationDataset, out: str | Path, seed: int = 0,
-                fractions: dict[str, float] | None = None) -> dict[str, int]:
+                fractions: dict[str, float] | None = None, val_fraction: float | None = None) -> dict[str, int]:
     """Write the split lists; returns the number of ids in each file.
 
     Labeled sets are prefixes of one seeded permutation per domain, so 1 % ⊂ 5 % ⊂ 10 %; samples
-    without a mask are in every unlabeled list.
+    without a mask are in every unlabeled list. A dataset without validation images needs
+    `val_fraction`: that share of its training scenes (whole scenes, so no scene's tiles straddle
+    train and val) is held out as val/test instead of writing empty lists.
     """
     out = Path(out)
     fractions = FRACTIONS if fractions is None else fractions
+    if val_fraction is not None:
+        dataset = hold_out_scenes(dataset, val_fraction, seed)
     train, val = _by_domain(dataset, "train"), _by_domain(dataset, "val")
     if not train:
         raise RsmtdfError(f"{dataset.root}: no labeled training images to split")
+    if not val:
+        raise RsmtdfError(f"{dataset.root}: no validation images (no Val/ folder); hold out part of the "
+                          f"training scenes with --val-fraction, e.g. --val-fraction 0.2")
     maskless = [r.id for r in dataset.records if not r.labeled]
     files: dict[str, list[str]] = {}
     for name, frac in fractions.items():
@@ -71,6 +83,59 @@ def make_splits(dataset: SegmentationDataset, out: str | Path, seed: int = 0,
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text("".join(f"{i}\n" for i in sorted(ids)))
     return {rel: len(ids) for rel, ids in files.items()}
+
+
+def hold_out_scenes(dataset: SegmentationDataset, fraction: float, seed: int) -> SegmentationDataset:
+    """The dataset with a seeded `fraction` of its labeled training scenes (files, at least one, and
+    at least one left) marked as its validation split."""
+    if not 0 < fraction < 1:
+        raise RsmtdfError(f"--val-fraction {fraction}: expected a share between 0 and 1, e.g. 0.2")
+    scenes = sorted({str(r.image) for r in dataset.records if r.split == "train" and r.labeled})
+    if len(scenes) < 2:
+        raise RsmtdfError(f"{dataset.root}: --val-fraction needs at least two labeled training scenes "
+                          f"to hold one out (found {len(scenes)})")
+    n = min(max(1, round(fraction * len(scenes))), len(scenes) - 1)
+    held = set(_shuffled(scenes, seed, "val-fraction")[:n])
+    return dataset.with_records([dataclasses.replace(r, split="val") if str(r.image) in held and r.labeled else r
+                                 for r in dataset.records])
+
+
+def class_pixel_counts(dataset: SegmentationDataset, lists: dict[str, list[str]],
+                       progress: bool = True) -> dict[str, list[int]]:
+    """Labeled pixels per class in each list that needs masks (every list but `unlabeled`), from one
+    pass over the masks with a progress bar; ignored pixels are not counted."""
+    needed = {rel: ids for rel, ids in lists.items() if not rel.endswith("unlabeled.txt")}
+    per_sample: dict[str, np.ndarray] = {}
+    todo = sorted({i for ids in needed.values() for i in ids})
+    k = dataset.classes.num_classes
+    for sid in tqdm(todo, desc="class pixels", unit="tile", disable=not progress, dynamic_ncols=True):
+        mask = dataset.load(dataset.index(sid)).mask
+        per_sample[sid] = np.bincount(mask[mask != IGNORE].ravel(), minlength=k)[:k]
+    return {rel: [int(v) for v in sum((per_sample[i] for i in ids), np.zeros(k, np.int64))]
+            for rel, ids in needed.items()}
+
+
+def check_classes(dataset: SegmentationDataset, counts: dict[str, list[int]], where: Path) -> None:
+    """Refuse a labeled list in which a class of the table never occurs (it could never be learned)."""
+    for rel, per_class in counts.items():
+        if rel.endswith("labeled.txt"):
+            missing = [n for n, c in zip(dataset.classes.names, per_class) if c == 0]
+            if missing:
+                raise RsmtdfError(f"{where / rel}: class{'es' if len(missing) > 1 else ''} "
+                                  f"{', '.join(repr(m) for m in missing)} never occur{'s' if len(missing) == 1 else ''} "
+                                  f"in its masks, so training could never learn {'them' if len(missing) > 1 else 'it'} "
+                                  f"(pass --allow-missing-classes to write it anyway)")
+
+
+def format_class_counts(dataset: SegmentationDataset, counts: dict[str, list[int]]) -> str:
+    """The per-class pixel counts as a table: one row per list, one column per class."""
+    names = list(dataset.classes.names)
+    width = max(len(r) for r in counts) if counts else 4
+    cols = [max(len(n), 9) for n in names]
+    lines = [" " * width + "  " + "  ".join(n.rjust(c) for n, c in zip(names, cols))]
+    for rel, per_class in counts.items():
+        lines.append(rel.ljust(width) + "  " + "  ".join(f"{v:,}".replace(",", " ").rjust(c) for v, c in zip(per_class, cols)))
+    return "\n".join(lines)
 
 
 def splits_sha256(splits_dir: str | Path) -> str:
@@ -138,3 +203,26 @@ def check_labeled(dataset: SegmentationDataset, names: list[str], where: str | P
             r = maskless[name]
             raise RsmtdfError(f"{where}: line {n} names '{name}', which has no mask ({r.image}); "
                               f"only unlabeled lists may name it")
+
+
+def write_checked_splits(dataset: SegmentationDataset, out: str | Path, seed: int = 0,
+                         val_fraction: float | None = None, allow_missing_classes: bool = False) -> str:
+    """`make-splits`: the lists made beside `out`, their class pixels counted and checked, and only
+    then moved into `out` with `class_counts.json` (a refused split leaves `out` as it was).
+    Returns the summary to print."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.new-") as tmp:
+        sizes = make_splits(dataset, tmp, seed, val_fraction=val_fraction)
+        lists = {rel: read_list(tmp, rel.removesuffix(".txt")) for rel in sizes}
+        counts = class_pixel_counts(dataset, lists)
+        if not allow_missing_classes:
+            check_classes(dataset, counts, out)
+        (Path(tmp) / "class_counts.json").write_text(json.dumps(
+            {"classes": list(dataset.classes.names), "pixels": counts}, indent=1) + "\n")
+        for rel in [*sizes, "class_counts.json"]:
+            (out / rel).parent.mkdir(parents=True, exist_ok=True)
+            os.replace(Path(tmp) / rel, out / rel)
+    return (", ".join(f"{k}: {v}" for k, v in sizes.items()) + "\n"
+            + "labeled pixels per class:\n" + format_class_counts(dataset, counts) + "\n"
+            + f"wrote {len(sizes)} lists and class_counts.json to {out} (sha256 {splits_sha256(out)[:12]})")

@@ -34,7 +34,7 @@ from tqdm import tqdm
 from . import splits as splits_mod
 from .cache import CacheReader, FeatureCache, mismatch
 from .checkpoint import load_checkpoint, save_checkpoint
-from .data import DATASETS, IGNORE, SegmentationDataset, check_bands, open_dataset, open_described, to_unit_rgb
+from .data import DATASETS, IGNORE, SegmentationDataset, check_bands, open_described, open_recipe_dataset, to_unit_rgb
 from .errors import RsmtdfError, worker_errors_as_lines
 from .evaluate import evaluate
 from .extract import view_table
@@ -227,7 +227,7 @@ class Trainer:
                 raise RsmtdfError("--teachers cached needs --cache (or run with --teachers online)")
             t, d = recipe.teachers, recipe.data
             teachers = build_teachers(list(t.names), teacher_weights, sizes=t.sizes)
-            self.cache = view_table(open_dataset(d.dataset, d.root, list(d.classes), d.tile_size, d.tile_stride), d.splits, recipe.view_spec(),
+            self.cache = view_table(open_recipe_dataset(d), d.splits, recipe.view_spec(),
                                     teachers)
             cache_path = self.cache.url
         else:

@@ -24,7 +24,6 @@ from test_errors import PROGRESS
 from rsmtdf.bench_predict import random_checkpoint, write_scene
 from rsmtdf.data import LOVEDA, to_unit_rgb
 from rsmtdf.errors import RsmtdfError
-from rsmtdf.plots import palette
 from rsmtdf.predict import BandScaling, Tiling, blend_weight, blended_blocks, find_scenes, load_trained
 from rsmtdf.raster import RasterReader, grid_offsets, window_grid
 
@@ -178,7 +177,7 @@ def test_cli_writes_cogs_that_keep_georeferencing_colours_classes_and_nodata(tmp
         assert src.tags(ns="IMAGE_STRUCTURE")["COMPRESSION"] == "DEFLATE"
         assert src.block_shapes == [(512, 512)] and src.overviews(1) == [2]
         assert json.loads(src.tags()["classes"]) == list(LOVEDA.names)
-        assert {k: src.colormap(1)[k] for k in range(K)} == {k: (*map(int, c), 255) for k, c in enumerate(palette(K)[:K])}
+        assert {k: src.colormap(1)[k] for k in range(K)} == {k: (*map(int, c), 255) for k, c in enumerate(LOVEDA.colours()[:K])}
         classes = src.read(1)
     expected = np.where(ok, ref.argmax(0), 255)
     top2 = np.sort(ref, axis=0)[-2:]

@@ -174,7 +174,7 @@ def test_unlabeled_scenes_go_only_to_unlabeled_lists_and_a_labeled_list_naming_o
     assert maskless == {f"unlabeled/u@{r}_{c}" for r in (0, 64) for c in (0, 64)}
     assert ds.load(ds.index("unlabeled/u@0_0")).mask is None
     splits = tmp_path / "splits"
-    make_splits(ds, splits)
+    make_splits(ds, splits, val_fraction=0.5)
     for name in ("1pct", "5pct", "10pct"):
         assert maskless <= set(read_list(splits, f"{name}/unlabeled"))
         assert not maskless & set(read_list(splits, f"{name}/labeled"))
@@ -209,7 +209,7 @@ def test_tiled_folder_extract_train_inspect_and_show(scenes, tmp_path):
         assert result.exit_code == 0, result.output
         return result.output
 
-    cli("make-splits", "-r", recipe)
+    cli("make-splits", "-r", recipe, "--val-fraction", "0.5")
     cache = tmp_path / "cache"
     out = cli("extract-features", "-r", recipe, "-o", cache, "--workers", "0", "--device", "cpu")
     assert "2 tiles of the scenes hold only nodata" in out

@@ -266,12 +266,13 @@ def test_refuses_checkpoint_of_another_model_or_class_count(setup, tmp_path):
     (folder / "masks").mkdir()
     from PIL import Image
 
-    Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(folder / "images" / "a.png")
-    Image.fromarray(np.zeros((64, 64), np.uint8)).save(folder / "masks" / "a.png")
+    for name in ("a", "b"):
+        Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(folder / "images" / f"{name}.png")
+        Image.fromarray(np.zeros((64, 64), np.uint8)).save(folder / "masks" / f"{name}.png")
     fr = tmp_path / "f.toml"
     fr.write_text(f'[data]\ndataset = "folder"\nroot = "{folder}"\nsplits = "{tmp_path / "fs"}"\nclasses = ["a", "b", "c"]\n'
                   f'[views]\ncount = 1\ncrop_size = 56\n[teachers]\nnames = ["effnet_lite0"]\nsizes = {{ effnet_lite0 = 56 }}\n')
-    run_cli("make-splits", "-r", fr, check=True)
+    run_cli("make-splits", "-r", fr, "--val-fraction", "0.5", "--allow-missing-classes", check=True)
     run_cli("extract-features", "-r", fr, "-o", tmp_path / "fcache", "--workers", "0", check=True)
     proc = run_cli("evaluate", "--checkpoint", run / "latest.pt", "--cache", tmp_path / "fcache", "--split", "val")
     _assert_one_line_error(proc, "latest.pt", "7 classes", "3")

@@ -16,9 +16,8 @@ from PIL import Image
 from tqdm import tqdm
 
 from ..cache import FeatureCache
-from ..data import SegmentationDataset
+from ..data import SegmentationDataset, described_classes
 from ..errors import RsmtdfError
-from ..plots import palette
 from ..report import format_cache
 from ..show import choose_samples, pca_rgb, view_images
 from ..views import apply_view
@@ -182,7 +181,7 @@ def write_gallery(cache: FeatureCache, dataset: SegmentationDataset | None, fold
     index = {sid: k for k, sid in enumerate(cache.ids)}
     teachers = [(t["name"], int(t["grid"])) for t in cache.attrs["teachers"]]
     reader, crop = cache.reader(), int(cache.attrs["views"]["crop_size"])
-    colours = palette(len(cache.attrs["dataset"].get("classes") or []))
+    colours = described_classes(cache.attrs["dataset"]).colours()
     rows, feats = [], {name: [] for name, _ in teachers}
     for s, sid in enumerate(tqdm(ids, desc="gallery", unit="sample", disable=not progress, dynamic_ncols=True)):
         i = index[sid]
@@ -249,7 +248,7 @@ def page(cache: FeatureCache, stats: dict, figures: list[str], rows: list[dict])
         teachers = [t["name"] for t in cache.attrs["teachers"]]
         has_mask = any("mask_png" in r for r in rows)
         classes = cache.attrs["dataset"].get("classes") or []
-        colours = palette(len(classes))
+        colours = described_classes(cache.attrs["dataset"]).colours()
         parts += ["<h2>Gallery</h2>",
                   "<p>Each stored view as the teachers saw it, then each teacher's features as colours: the first "
                   "three principal components of that teacher, fitted once over every picture here, so equal colours "
