@@ -95,9 +95,8 @@ class ClassTable:
         ignored = [c for c, k in declared.items() if k == IGNORE]
         raise RsmtdfError(f"{path}: mask {kind}{'s' if len(unknown) > 1 else ''} {shown} "
                           f"{'are' if len(unknown) > 1 else 'is'} neither a class nor ignored "
-                          f"(classes: {known}; ignored: {ignored or 'none'}); declare "
-                          f"{'it' if len(unknown) == 1 else 'them'} in [data] {'colors' if kind == 'colour' else 'codes'} "
-                          f"or ignore_codes")
+                          f"(classes: {known}; ignored: {ignored or 'none'}); a folder dataset declares its "
+                          f"{'colours in [data] colors' if kind == 'colour' else 'codes in [data] codes'} and ignore_codes")
 
     def colours(self) -> np.ndarray:
         """(256, 3) uint8 display colours by class index (the palette, else tab20); ignore is black."""

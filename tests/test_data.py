@@ -82,7 +82,7 @@ def test_colour_masks_decode_in_dwl_order(tmp_path, name, table):
         assert (decoded[k * 4 : (k + 1) * 4] == k).all()
     mask[0, 0] = (12, 34, 56)
     _write_png(tmp_path / "Train/masks/a.png", mask)
-    with pytest.raises(RsmtdfError, match="a.png: mask colours #0c2238"):
+    with pytest.raises(RsmtdfError, match=r"a.png: mask colour #0c2238 \(1 px\) is neither a class nor ignored"):
         open_dataset(name, tmp_path).load(0)
 
 

@@ -17,7 +17,7 @@ from PIL import Image
 from test_errors import error_line
 
 from rsmtdf.cache import FeatureCache, TeacherLayout, expected_attrs, ids_sha256
-from rsmtdf.data import open_dataset
+from rsmtdf.data import open_dataset, open_described
 from rsmtdf.inspect.stats import FP16_MAX, compute_stats, default_output, linear_cka
 from rsmtdf.splits import make_splits
 from rsmtdf.views import View, ViewSpec
@@ -58,7 +58,7 @@ def make_cache(tmp: Path, feats: dict[str, np.ndarray], views: list[View], stora
 
 
 def stats_of(cache: FeatureCache, **kw) -> dict:
-    return compute_stats(cache, open_dataset("folder", cache.attrs["dataset"]["root"], CLASSES), progress=False, **kw)
+    return compute_stats(cache, open_described(cache.attrs["dataset"]), progress=False, **kw)  # 255 = ignore
 
 
 def test_feature_statistics_equal_hand_computed_values(tmp_path: Path) -> None:
