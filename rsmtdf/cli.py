@@ -299,6 +299,27 @@ def check_splits_cmd(
     typer.echo(f"all {sum(counts.values())} names in {len(counts)} lists of {target} resolve in {dataset.root}")
 
 
+@app.command("stats")
+def stats_cmd(recipe: Recipe = None, sets: Sets = None, root: Root = None,
+              progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True) -> None:
+    """Per-band statistics (valid pixels, mean, std, 2nd/98th percentile, min, max) of every band of
+    the training tiles, written as band_stats.json beside the split lists; `[data] scaling` uses them.
+
+    Example:
+
+      rsmtdf stats -r pipeline/mydata.toml
+    """
+    from .bandstats import compute_band_stats, summary_table, training_ids, write_band_stats
+
+    plan = Plan(recipe, root, None, None, None, None, None, None, sets)
+    splits = plan.recipe.data.splits
+    ids = training_ids(splits)
+    stats = compute_band_stats(plan.dataset().subset(ids), ids, progress)
+    path = write_band_stats(stats, splits)
+    typer.echo(summary_table(stats))
+    typer.echo(f"wrote statistics of {len(stats['bands'])} bands ({stats['dtype']}) over {len(ids)} tiles to {path}")
+
+
 recipe_app = typer.Typer(no_args_is_help=True, help="Recipes: print one resolved.")
 app.add_typer(recipe_app, name="recipe")
 
