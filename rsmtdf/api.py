@@ -23,15 +23,17 @@ def extract_features(recipe: Recipe | str | Path | None, output: str | Path | No
     (complete once every worker's shards are written)."""
     from .data import open_dataset
     from .extract import extract as extract_shards
+    from .scaling import dataset_scaling
     from .teachers import build_teachers
 
     r = _recipe(recipe)
     data, t = r.data, r.teachers
     output = str(output or f"cache/{data.dataset}")
-    extract_shards(open_dataset(data.dataset, data.root, list(data.classes)), data.splits, r.view_spec(),
+    dataset = open_dataset(data.dataset, data.root, list(data.classes))
+    extract_shards(dataset, data.splits, r.view_spec(),
                    build_teachers(list(t.names), teacher_weights, sizes=t.sizes), output, shard_index=shard_index,
                    num_shards=num_shards, batch_size=batch_size, num_workers=workers, storage=t.storage,
-                   device=device, bands=data.bands, max_value=data.max_value, progress=progress)
+                   device=device, scaling=dataset_scaling(r, dataset)[0].teachers(), progress=progress)
     return FeatureCache.open(output)
 
 

@@ -118,10 +118,13 @@ def extract_features(
     if device == "auto":
         local = _env_int("LOCAL_RANK", "SLURM_LOCALID") or 0
         device = f"cuda:{local}" if torch.cuda.is_available() else "cpu"
-    summary = extract(plan.dataset(), plan.recipe.data.splits, plan.spec(), plan.teachers(), plan.output,
+    from .scaling import dataset_scaling
+
+    dataset = plan.dataset()
+    summary = extract(dataset, plan.recipe.data.splits, plan.spec(), plan.teachers(), plan.output,
                       shard_samples=shard_samples, shard_index=index, num_shards=count, batch_size=batch_size,
                       num_workers=workers, storage=plan.recipe.teachers.storage, device=device,
-                      bands=plan.recipe.data.bands, max_value=plan.recipe.data.max_value,
+                      scaling=dataset_scaling(plan.recipe, dataset)[0].teachers(),
                       repair=repair, recipe=plan.recipe.to_toml())
     typer.echo(summary.line())
 

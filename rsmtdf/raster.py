@@ -1,8 +1,8 @@
 """Rasters read window by window: the one place where pixels of any raster become model input.
 
 `RasterReader` opens anything rasterio opens (GeoTIFF, VRT, JPEG2000, PNG, ...) and reads one
-window at a time, never the whole file: the recipe's bands, scaled to [0, 1] by `BandScaling`
-(the same `to_unit_rgb` training uses), and a validity mask that joins every way a raster marks
+window at a time, never the whole file: the model's bands, scaled to [0, 1] by `BandScaling`
+(the same scaling training uses), and a validity mask that joins every way a raster marks
 missing pixels (the nodata value, an alpha band or an internal GDAL mask, i.e. GDAL's mask bands,
 and NaN). Missing pixels are filled with `FILL`, the value views pad with, so a network never sees
 a nodata code as if it were data. `window_grid` is the one window layout for tiling, sliding
@@ -12,7 +12,6 @@ evaluation and block-wise prediction.
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -21,9 +20,8 @@ import rasterio
 from rasterio.errors import NotGeoreferencedWarning, RasterioIOError
 from rasterio.windows import Window
 
-from .data import to_unit_rgb
-from .recipe import Recipe
 from .errors import RsmtdfError
+from .scaling import BandScaling
 
 FILL = 0.0  # what missing pixels (nodata, outside the raster) become in [0, 1] input: views pad with 0 too
 
@@ -51,25 +49,12 @@ def window_grid(height: int, width: int, size: int, stride: int,
     return [[Window(x, y, size, size) for x in xs] for y in grid_offsets(height, size, stride, edge)]
 
 
-@dataclass(frozen=True)
-class BandScaling:
-    """Which raster bands (0-based) the model sees and how they reach [0, 1]: divided by
-    `max_value`, or by the dtype's range when it is None (floats are taken as already in [0, 1])."""
-
-    bands: tuple[int, int, int] = (0, 1, 2)
-    max_value: float | None = None
-
-    @classmethod
-    def from_recipe(cls, recipe: Recipe) -> BandScaling:
-        return cls(tuple(recipe.data.bands), recipe.data.max_value)
-
-
 class RasterReader:
     """One open raster, read by window; a context manager. Not shared between threads."""
 
     def __init__(self, path: str | Path, scaling: BandScaling = BandScaling()) -> None:
         self.path = Path(path)
-        self.scaling = scaling
+        self.scaling, self._selected = scaling, scaling.selected()
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", NotGeoreferencedWarning)
@@ -77,7 +62,7 @@ class RasterReader:
         except RasterioIOError as exc:
             raise RsmtdfError(f"{self.path}: unreadable raster ({first_line(exc)})") from None
         count = self.src.count
-        if count == 1:
+        if count == 1 and len(scaling.bands) == 3:
             self.indexes = [1]  # a single band is repeated to three, as to_unit_rgb does
         else:
             bad = [b for b in scaling.bands if not 0 <= b < count]
@@ -124,11 +109,11 @@ class RasterReader:
         return pixels, valid
 
     def read(self, window: Window) -> tuple[np.ndarray, np.ndarray]:
-        """(h×w×3 float32 in [0, 1], h×w validity) for `window`; invalid pixels hold FILL."""
+        """(h×w×C float32 in [0, 1], h×w validity) for `window`, C the scaling's bands; invalid pixels hold FILL."""
         pixels, valid = self.read_raw(window)
         if np.issubdtype(pixels.dtype, np.floating):
             pixels = np.where(valid[..., None], pixels, 0)
-        unit = to_unit_rgb(pixels, (0, 1, 2), self.scaling.max_value)  # bands were selected when reading
+        unit = self._selected.unit(pixels)  # bands were selected when reading
         unit[~valid] = FILL
         return unit, valid
 

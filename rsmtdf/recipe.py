@@ -66,6 +66,9 @@ class DataConfig:
     classes: tuple[str, ...] = key((), doc="class names of a `folder` dataset (mask codes 0..K-1)")
     bands: tuple[int, int, int] = key((0, 1, 2), BAND_INDICES, doc="raster bands shown as RGB")
     max_value: float | None = key(None, above(0), doc="value of full brightness [default: the dtype's range]")
+    scaling: Literal["auto", "dtype", "max_value", "percentile"] = key(
+        "auto", doc="how bands reach [0, 1]: auto = max_value if set, else the 2-98 % stretch of `rsmtdf stats` "
+                    "for data that is not 8-bit, else the dtype's range")
 
 
 @dataclass(frozen=True)
@@ -94,6 +97,8 @@ class StudentConfig:
     translator_hidden: int = key(1024, at_least(1))
     pretrained: bool | str = key(True, doc="true, false or a weights file")
     kwargs: dict[str, Any] = key({}, doc="extra timm.create_model arguments")
+    bands: tuple[int, ...] = key((), BAND_INDICES, doc="raster bands the student sees [default: [data] bands]; "
+                                 "must include those, which come first")
 
 
 @dataclass(frozen=True)
