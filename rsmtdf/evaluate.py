@@ -64,7 +64,7 @@ def resolve_protocol(name: str, eval_section: EvalConfig, class_names: list[str]
 @torch.no_grad()
 def predict(model: nn.Module, x: torch.Tensor, mode: str, crop: int, patch: int, whole: str = "pad",
             sliding: str = "logits") -> torch.Tensor:
-    """Class scores (B, K, H, W) for images (B, 3, H, W) in [0, 1]; their argmax is the prediction.
+    """Class scores (B, K, H, W) for images (B, C, H, W) in [0, 1]; their argmax is the prediction.
 
     whole: the tile at once, either padded bottom/right with 0 to the encoder's patch multiple
     (`pad`) or resized (bilinear, align_corners) to the nearest multiple and its logits resized back

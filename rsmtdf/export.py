@@ -102,7 +102,7 @@ def _write_onnx(net: Student, path: Path) -> None:
     except ImportError:
         raise RsmtdfError("--format onnx needs the onnx extra: pip install 'rsmtdf[onnx]'") from None
     crop = int(net.config["crop_size"])
-    example = torch.rand(2, 3, crop, crop + net.patch)
+    example = torch.rand(2, len(net.config["input_mean"]), crop, crop + net.patch)  # the model's bands
     dynamic = {"image": {0: torch.export.Dim.DYNAMIC, 2: torch.export.Dim.DYNAMIC, 3: torch.export.Dim.DYNAMIC}}
     torch.onnx.export(Logits(net).eval(), (example,), str(path), dynamo=True, input_names=["image"],
                       output_names=["logits"], dynamic_shapes=dynamic, external_data=False, verbose=False)

@@ -153,6 +153,9 @@ def resolve_scaling(recipe: Recipe, dtype: str, count: int, stats: dict | None,
         mode = "max_value" if data.max_value is not None else \
             "percentile" if stats is not None and dtype != "uint8" else "dtype"
     source = [b if count > 1 else 0 for b in bands]  # a single band is shown as grey on every channel
+    if count > 1 and max(bands) >= count:
+        raise RsmtdfError(f"{recipe.where('student.bands')}: band {max(bands)} asked for, the rasters have {count} "
+                          f"bands (0..{count - 1})")
     if stats is not None and (stats["dtype"] != dtype or len(stats["bands"]) != count):
         raise RsmtdfError(f"{stats_path(data.splits)}: statistics of {len(stats['bands'])} {stats['dtype']} bands, "
                           f"the dataset has {count} {dtype} bands; run `rsmtdf stats` again")

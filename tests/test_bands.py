@@ -274,3 +274,30 @@ def test_four_band_checkpoint_refuses_three_band_scene(trained, tmp_path):
     _write(byte, np.full((SIZE, SIZE, BANDS), 100, np.uint8))
     proc = run_cli("predict", byte, "--checkpoint", run / "latest.pt", "--out", tmp_path / "maps")
     assert f"error: {byte}: uint8 pixels, but the model was trained on bands [0, 1, 2, 3] of uint16" in proc.stderr
+
+
+def test_auto_scaling_choices_and_8bit_input_unchanged(uint16_data):
+    from rsmtdf.data import NODATA_FILL
+    from rsmtdf.errors import RsmtdfError
+    from rsmtdf.recipe import load_recipe
+    from rsmtdf.scaling import resolve_scaling
+
+    _, recipe = uint16_data
+    r = load_recipe(recipe)
+    stats = {"dtype": "uint16", "bands": [{"count": 1, "p2": 10.0 * b, "p98": 100.0 * (b + 1)} for b in range(BANDS)]}
+    assert resolve_scaling(r, "uint16", BANDS, stats).mode == "percentile"
+    assert resolve_scaling(r, "uint16", BANDS, None).high == (65535.0,) * 3  # no statistics: the dtype's range
+    assert resolve_scaling(r.override({"data.max_value": 4000}), "uint16", BANDS, stats).high == (4000.0,) * 3
+    with pytest.raises(RsmtdfError, match="run `rsmtdf stats` first"):
+        resolve_scaling(r.override({"data.scaling": "percentile"}), "uint16", BANDS, None)
+    with pytest.raises(RsmtdfError, match="band 5 asked for"):
+        resolve_scaling(r.override({"student.bands": [0, 1, 2, 5]}), "uint16", BANDS, stats)
+    # 8-bit data: the dtype's range even with statistics, and bit for bit what networks always got
+    byte = resolve_scaling(r, "uint8", 3, {**stats, "dtype": "uint8", "bands": stats["bands"][:3]})
+    assert byte.mode == "dtype"
+    image = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    valid = np.ones((32, 32), bool)
+    valid[:4] = False
+    before = np.clip(image.astype(np.float32) / 255.0, 0.0, 1.0)
+    before[~valid] = NODATA_FILL
+    assert byte.unit(image, valid).tobytes() == before.tobytes()
