@@ -3,13 +3,12 @@ scaling recorded in caches and checkpoints and checked wherever data meets a mod
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
-import torch
 import pytest
 import rasterio
+import torch
 from conftest import run_cli
 from rasterio.transform import from_origin
 from typer.testing import CliRunner
