@@ -23,6 +23,7 @@ def extract_features(recipe: Recipe | str | Path | None, output: str | Path | No
     (complete once every worker's shards are written)."""
     from .data import open_recipe_dataset
     from .extract import extract as extract_shards
+    from .scaling import dataset_scaling
     from .teachers import build_teachers
 
     r = _recipe(recipe)
@@ -32,7 +33,7 @@ def extract_features(recipe: Recipe | str | Path | None, output: str | Path | No
     extract_shards(dataset, data.splits, r.view_spec(),
                    build_teachers(list(t.names), teacher_weights, sizes=t.sizes), output, shard_index=shard_index,
                    num_shards=num_shards, batch_size=batch_size, num_workers=workers, storage=t.storage,
-                   device=device, bands=data.bands, max_value=data.max_value, progress=progress)
+                   device=device, scaling=dataset_scaling(r, dataset)[0].teachers(), progress=progress)
     return FeatureCache.open(output)
 
 

@@ -100,13 +100,18 @@ def raw_bytes_per_sample(layouts: list[TeacherLayout], views: int, storage: str)
     return views * sum(lay.tokens * per_token(lay.dim) for lay in layouts)
 
 
-def expected_attrs(dataset: dict, splits: dict, views: dict, teachers: list[dict], storage: str) -> dict:
-    """The attributes that decide whether an existing cache is the one a run asks for."""
-    return {"dataset": dataset, "splits": splits, "views": views, "teachers": teachers, "storage": storage}
+def expected_attrs(dataset: dict, splits: dict, views: dict, teachers: list[dict], storage: str,
+                   input: dict | None = None) -> dict:
+    """The attributes that decide whether an existing cache is the one a run asks for; `input` is the
+    record of the teachers' bands and scaling (`scaling.BandScaling.record`)."""
+    return {"dataset": dataset, "splits": splits, "views": views, "teachers": teachers, "storage": storage,
+            **({"input": input} if input is not None else {})}
 
 
 def mismatch(found: dict, wanted: dict) -> str | None:
     """One phrase saying how a cache differs from what is asked for, or None if it matches."""
+    from .scaling import scaling_mismatch  # scaling reads band statistics, which import this module
+
     fd, wd = found["dataset"], wanted["dataset"]
     if fd["name"] != wd["name"] or fd.get("ids_sha256") != wd.get("ids_sha256"):
         return f"it was made from dataset '{fd['name']}' ({fd['num_samples']} samples at {fd['root']}), " \
@@ -121,7 +126,7 @@ def mismatch(found: dict, wanted: dict) -> str | None:
         return f"its teachers differ ({[t[0] for t in ft]} vs {[t[0] for t in wt]}, or their weights/layers)"
     if found["storage"] != wanted["storage"]:
         return f"its storage is {found['storage']}, not {wanted['storage']}"
-    return None
+    return scaling_mismatch(found.get("input"), wanted.get("input"))
 
 
 class FeatureCache:

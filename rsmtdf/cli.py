@@ -118,10 +118,13 @@ def extract_features(
     if device == "auto":
         local = _env_int("LOCAL_RANK", "SLURM_LOCALID") or 0
         device = f"cuda:{local}" if torch.cuda.is_available() else "cpu"
-    summary = extract(plan.dataset(), plan.recipe.data.splits, plan.spec(), plan.teachers(), plan.output,
+    from .scaling import dataset_scaling
+
+    dataset = plan.dataset()
+    summary = extract(dataset, plan.recipe.data.splits, plan.spec(), plan.teachers(), plan.output,
                       shard_samples=shard_samples, shard_index=index, num_shards=count, batch_size=batch_size,
                       num_workers=workers, storage=plan.recipe.teachers.storage, device=device,
-                      bands=plan.recipe.data.bands, max_value=plan.recipe.data.max_value,
+                      scaling=dataset_scaling(plan.recipe, dataset)[0].teachers(),
                       repair=repair, recipe=plan.recipe.to_toml())
     typer.echo(summary.line())
 
@@ -303,6 +306,27 @@ def check_splits_cmd(
     counts = check_lists(target, dataset)
     typer.echo(", ".join(f"{k}: {v}" for k, v in counts.items()))
     typer.echo(f"all {sum(counts.values())} names in {len(counts)} lists of {target} resolve in {dataset.root}")
+
+
+@app.command("stats")
+def stats_cmd(recipe: Recipe = None, sets: Sets = None, root: Root = None,
+              progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True) -> None:
+    """Per-band statistics (valid pixels, mean, std, 2nd/98th percentile, min, max) of every band of
+    the training tiles, written as band_stats.json beside the split lists; `[data] scaling` uses them.
+
+    Example:
+
+      rsmtdf stats -r pipeline/mydata.toml
+    """
+    from .bandstats import compute_band_stats, summary_table, training_ids, write_band_stats
+
+    plan = Plan(recipe, root, None, None, None, None, None, None, sets)
+    splits = plan.recipe.data.splits
+    ids = training_ids(splits)
+    stats = compute_band_stats(plan.dataset().subset(ids), ids, progress)
+    path = write_band_stats(stats, splits)
+    typer.echo(summary_table(stats))
+    typer.echo(f"wrote statistics of {len(stats['bands'])} bands ({stats['dtype']}) over {len(ids)} tiles to {path}")
 
 
 recipe_app = typer.Typer(no_args_is_help=True, help="Recipes: print one resolved.")

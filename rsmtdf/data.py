@@ -18,6 +18,7 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
+from typing import Sequence
 
 import numpy as np
 import rasterio
@@ -509,21 +510,27 @@ def open_described(ds: dict) -> SegmentationDataset:
     return open_dataset(ds["name"], ds["root"], described_classes(ds), ds.get("tile"), ds.get("tile_stride"))
 
 
-def to_unit_rgb(image: np.ndarray, bands: tuple[int, int, int] = (0, 1, 2), max_value: float | None = None,
-                valid: np.ndarray | None = None) -> np.ndarray:
-    """H×W×C raster → H×W×3 float32 in [0, 1], the input every teacher and student expects.
+def to_unit_rgb(image: np.ndarray, bands: tuple[int, ...] = (0, 1, 2), max_value: float | Sequence[float] | None = None,
+                valid: np.ndarray | None = None, low: Sequence[float] | None = None,
+                fill: Sequence[float] = NODATA_FILL) -> np.ndarray:
+    """H×W×C raster → H×W×len(bands) float32 in [0, 1], the input every teacher and student expects:
+    `(v - low) / max_value` per band, clipped (`scaling.BandScaling` says which numbers).
 
-    Single-band rasters are repeated to three channels; `max_value` defaults to the dtype's range.
-    Pixels outside `valid` (a Sample's) and NaN pixels become NODATA_FILL, so no NaN reaches a network.
+    Single-band rasters are repeated to every channel; `max_value` defaults to the dtype's range.
+    Pixels outside `valid` (a Sample's) and NaN pixels become `fill`, so no NaN reaches a network.
     """
     if image.shape[2] == 1:
-        image = np.repeat(image, 3, axis=2)
-        bands = (0, 1, 2)
+        bands = (0,) * len(bands)
     if max_value is None:
         max_value = float(np.iinfo(image.dtype).max) if np.issubdtype(image.dtype, np.integer) else 1.0
-    rgb = np.clip(image[..., list(bands)].astype(np.float32) / max_value, 0.0, 1.0)
+    elif not isinstance(max_value, (int, float)):
+        max_value = np.asarray(max_value, np.float32)
+    rgb = image[..., list(bands)].astype(np.float32)
+    if low is not None:
+        rgb -= np.asarray(low, np.float32)
+    rgb = np.clip(rgb / max_value, 0.0, 1.0)
     invalid = np.isnan(rgb).any(axis=2)
     if valid is not None:
         invalid |= ~valid
-    rgb[invalid] = NODATA_FILL
+    rgb[invalid] = fill
     return rgb

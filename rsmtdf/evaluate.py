@@ -16,11 +16,12 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from .data import SegmentationDataset, to_unit_rgb
+from .data import SegmentationDataset
 from .errors import RsmtdfError
 from .metrics import ConfusionMatrix
 from .plots import prediction_picture
 from .recipe import EvalConfig
+from .scaling import BandScaling, check_data, model_scaling, raster_pixels
 
 MODES = ("whole", "sliding")
 WHOLE = ("pad", "resize")
@@ -63,7 +64,7 @@ def resolve_protocol(name: str, eval_section: EvalConfig, class_names: list[str]
 @torch.no_grad()
 def predict(model: nn.Module, x: torch.Tensor, mode: str, crop: int, patch: int, whole: str = "pad",
             sliding: str = "logits") -> torch.Tensor:
-    """Class scores (B, K, H, W) for images (B, 3, H, W) in [0, 1]; their argmax is the prediction.
+    """Class scores (B, K, H, W) for images (B, C, H, W) in [0, 1]; their argmax is the prediction.
 
     whole: the tile at once, either padded bottom/right with 0 to the encoder's patch multiple
     (`pad`) or resized (bilinear, align_corners) to the nearest multiple and its logits resized back
@@ -96,14 +97,13 @@ def predict(model: nn.Module, x: torch.Tensor, mode: str, crop: int, patch: int,
 
 def evaluate(model: nn.Module, dataset: SegmentationDataset, ids: list[str], num_classes: int,
              device: torch.device | str, mode: str = "whole", crop: int = 518,
-             bands: tuple[int, int, int] = (0, 1, 2), max_value: float | None = None,
-             pictures: Path | None = None, num_pictures: int = 0,
+             scaling: BandScaling = BandScaling(), pictures: Path | None = None, num_pictures: int = 0,
              protocol: Protocol = PROTOCOLS["rsmtdf"], scored: list[int] | None = None,
              progress: bool = True) -> dict:
     """Metrics of `model` over the samples `ids` (sharded over DDP ranks, summed) under `protocol`,
     scoring the classes `scored` (default all); with `pictures`, also image | ground truth |
     prediction PNGs of the first `num_pictures` samples there. Rank 0 shows a progress bar over its
-    tiles unless `progress` is false."""
+    tiles unless `progress` is false. `scaling` is how the model's input bands were scaled in training."""
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     was_training = model.training
     model.eval()
@@ -112,12 +112,12 @@ def evaluate(model: nn.Module, dataset: SegmentationDataset, ids: list[str], num
     for sid in tqdm(ids[rank::world], desc="evaluate", unit="tile", leave=False, dynamic_ncols=True,
                     disable=not progress or rank != 0):
         sample = dataset.load(dataset.index(sid))
-        x = torch.from_numpy(to_unit_rgb(sample.image, bands, max_value, sample.valid)).permute(2, 0, 1)[None].to(device)
+        x = torch.from_numpy(scaling.unit(sample.image, sample.valid)).permute(2, 0, 1)[None].to(device)
         pred = predict(model, x, mode, crop, model.patch, protocol.whole, protocol.sliding).argmax(1)
         cm.update(pred, torch.from_numpy(sample.mask).long()[None].to(device))
         if pictures is not None and drawn < num_pictures:
             pictures.mkdir(parents=True, exist_ok=True)
-            prediction_picture(x[0].permute(1, 2, 0).cpu().numpy(), sample.mask, pred[0].cpu().numpy(), colours,
+            prediction_picture(x[0, :3].permute(1, 2, 0).cpu().numpy(), sample.mask, pred[0].cpu().numpy(), colours,
                                pictures / f"{sid.replace('/', '_')}.png")
             drawn += 1
     cm.all_reduce()
@@ -160,13 +160,14 @@ def evaluate_checkpoint(checkpoint: Path, split: str = "test", mode: str = "whol
                               f"cache {cache} has {len(a['dataset']['classes'])} {a['dataset']['classes']}")
         ds, splits = a["dataset"], a["splits"]["dir"]
     dataset = open_described(ds)
+    scaling = model_scaling(nets["student"][0].config, recipe)
+    check_data(scaling, *raster_pixels(dataset.records[0].image), f"{dataset.records[0].image} (dataset {dataset.root})")
     ids = read_list(splits, split)
     check_labeled(dataset, ids, Path(splits) / f"{split}.txt")
     results = {}
     for which in (headline, "ema" if headline == "student" else "student"):
         net = nets[which][0].to(device)
-        results[which] = evaluate(net, dataset, ids, len(names), device, mode, ident["model"]["crop_size"],
-                                  recipe.data.bands, recipe.data.max_value,
+        results[which] = evaluate(net, dataset, ids, len(names), device, mode, ident["model"]["crop_size"], scaling,
                                   pictures if which == headline else None, num_pictures, proto, scored)
     main = results[headline]
     report = {"checkpoint": str(checkpoint), "split": split, "mode": mode,

@@ -42,16 +42,18 @@ class Logits(nn.Module):
 
 def describe(net: Student, identity: dict, recipe: Recipe, weights: str, checkpoint: Path, file: Path) -> dict:
     """The sidecar: enough to rebuild the model and to feed it the pixels it was trained on."""
+    from .scaling import model_scaling
+
     cfg = net.config
-    data = recipe.data
+    scaling = model_scaling(cfg, recipe).record()
     return {
         "format": SIDECAR_FORMAT, "file": file.name, "weights": weights, "checkpoint": str(checkpoint),
         "model": cfg, "classes": identity["class_names"], "dataset": identity["dataset"]["name"],
         "input": {
-            "layout": f"(batch, 3, height, width) float32; height and width multiples of {net.patch}",
-            "bands": list(data.bands), "max_value": data.max_value,
-            "scaling": "raster bands picked by `bands`, divided by `max_value` (the dtype's range when null), "
-                       "clipped to [0, 1]",
+            "layout": f"(batch, {len(scaling['bands'])}, height, width) float32; height and width multiples of {net.patch}",
+            "bands": scaling["bands"], "max_value": recipe.data.max_value, "low": scaling["low"], "high": scaling["high"],
+            "scaling": "raster bands picked by `bands`, (value - low) / (high - low) per band (without low/high: "
+                       "divided by `max_value`, the dtype's range when null), clipped to [0, 1]",
             "normalisation": {"mean": cfg.get("input_mean", [0.0, 0.0, 0.0]), "std": cfg.get("input_std", [1.0, 1.0, 1.0]),
                               "applied_by": "the model"},
         },
@@ -100,7 +102,7 @@ def _write_onnx(net: Student, path: Path) -> None:
     except ImportError:
         raise RsmtdfError("--format onnx needs the onnx extra: pip install 'rsmtdf[onnx]'") from None
     crop = int(net.config["crop_size"])
-    example = torch.rand(2, 3, crop, crop + net.patch)
+    example = torch.rand(2, len(net.config["input_mean"]), crop, crop + net.patch)  # the model's bands
     dynamic = {"image": {0: torch.export.Dim.DYNAMIC, 2: torch.export.Dim.DYNAMIC, 3: torch.export.Dim.DYNAMIC}}
     torch.onnx.export(Logits(net).eval(), (example,), str(path), dynamo=True, input_names=["image"],
                       output_names=["logits"], dynamic_shapes=dynamic, external_data=False, verbose=False)

@@ -29,8 +29,9 @@ from tqdm import tqdm
 
 from . import splits as splits_mod
 from .cache import FeatureCache, TeacherLayout, is_url, expected_attrs, ids_sha256, raw_bytes_per_sample
-from .data import SegmentationDataset, to_unit_rgb
+from .data import SegmentationDataset
 from .errors import RsmtdfError
+from .scaling import BandScaling, dataset_record
 from .teachers import Teacher
 from .views import ViewSpec, render_views, valid_fraction
 
@@ -70,9 +71,8 @@ class ViewSource(Dataset):
     errors as one line."""
 
     def __init__(self, dataset: SegmentationDataset, indices: list[int], spec: ViewSpec,
-                 bands: tuple[int, int, int] = (0, 1, 2), max_value: float | None = None) -> None:
-        self.dataset, self.indices, self.spec = dataset, indices, spec
-        self.bands, self.max_value = bands, max_value
+                 scaling: BandScaling = BandScaling()) -> None:
+        self.dataset, self.indices, self.spec, self.scaling = dataset, indices, spec, scaling
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -84,7 +84,7 @@ class ViewSource(Dataset):
             return str(exc)
         h, w = sample.image.shape[:2]
         views = self.spec.sample(sample.id, h, w)
-        rgb = to_unit_rgb(sample.image, self.bands, self.max_value, sample.valid)
+        rgb = self.scaling.unit(sample.image, sample.valid)
         params = np.stack([v.to_array() for v in views])
         valid = valid_fraction(sample.valid, (h, w), views, self.spec.crop_size)
         with one_thread_per_op():  # a worker already runs one; the main process (--workers 0) must too
@@ -126,7 +126,8 @@ class ViewTable:
         return self.valid
 
 
-def view_table(dataset: SegmentationDataset, splits_dir: str, spec: ViewSpec, teachers: list[Teacher]) -> ViewTable:
+def view_table(dataset: SegmentationDataset, splits_dir: str, spec: ViewSpec, teachers: list[Teacher],
+               scaling: BandScaling = BandScaling()) -> ViewTable:
     """The views and their valid shares (read from every sample's pixels, as extraction would)."""
     ids = dataset.ids_in("train")
     if not ids:
@@ -135,7 +136,7 @@ def view_table(dataset: SegmentationDataset, splits_dir: str, spec: ViewSpec, te
     views = np.stack([np.stack([v.to_array() for v in vs]) for vs in drawn])
     valid = np.stack([_valid_of(dataset, sid, vs, spec.crop_size) for sid, vs in zip(ids, drawn)])
     attrs = expected_attrs(dataset_attrs(dataset, ids), splits_mod.describe(splits_dir), spec.to_attrs(),
-                           [t.spec() for t in teachers], "none")
+                           [t.spec() for t in teachers], "none", dataset_record(scaling, dataset))
     return ViewTable(f"(no cache: views of {dataset.root})", {**attrs, "complete": True}, ids, views, valid)
 
 
@@ -153,11 +154,12 @@ def auto_shard_samples(spec: ViewSpec, teachers: list[Teacher], storage: str) ->
 def extract(dataset: SegmentationDataset, splits_dir: str, spec: ViewSpec, teachers: list[Teacher], output: str,
             *, shard_samples: int | None = None, shard_index: int = 0, num_shards: int = 1, batch_size: int = 8,
             num_workers: int = 2, storage: str = "float16", device: str = "cpu",
-            bands: tuple[int, int, int] = (0, 1, 2), max_value: float | None = None,
-            progress: bool = True, repair: bool = False, recipe: str | None = None) -> ExtractSummary:
+            scaling: BandScaling = BandScaling(), progress: bool = True, repair: bool = False,
+            recipe: str | None = None) -> ExtractSummary:
     """Extract this worker's shards (every `num_shards`-th from `shard_index`), resumably. With
     `repair`, first verify those shards and drop the damaged ones, so exactly they are extracted again.
-    `recipe` (the resolved recipe as TOML) is kept in the cache's attributes for `train` without -r.
+    `recipe` (the resolved recipe as TOML) is kept in the cache's attributes for `train` without -r;
+    `scaling` (the teachers' three bands), resolved, in its identity.
 
     A full disk ends in one line saying what the shards still to write need."""
     if not 0 <= shard_index < num_shards:
@@ -166,7 +168,7 @@ def extract(dataset: SegmentationDataset, splits_dir: str, spec: ViewSpec, teach
     if not ids:
         raise RsmtdfError(f"{dataset.root}: no training samples to extract")
     attrs = expected_attrs(dataset_attrs(dataset, ids), splits_mod.describe(splits_dir), spec.to_attrs(),
-                           [t.spec() for t in teachers], storage)
+                           [t.spec() for t in teachers], storage, dataset_record(scaling, dataset))
     layouts = [TeacherLayout(t.name, t.num_tokens, t.dim) for t in teachers]
     shard_samples = shard_samples or auto_shard_samples(spec, teachers, storage)
     owned = [k for k in range(-(-len(ids) // shard_samples)) if k % num_shards == shard_index]
@@ -178,8 +180,8 @@ def extract(dataset: SegmentationDataset, splits_dir: str, spec: ViewSpec, teach
                                     layouts, shard_samples)
         _check_compute(cache, _compute(device, batch_size))
         repaired, repaired_ids = _drop_damaged(cache, owned, ids, progress) if repair else (None, False)
-        summary = _extract_shards(cache, dataset, ids, spec, teachers, owned, batch_size, num_workers, device, bands,
-                                  max_value, progress)
+        summary = _extract_shards(cache, dataset, ids, spec, teachers, owned, batch_size, num_workers, device, scaling,
+                                  progress)
     except OSError as exc:
         if exc.errno != errno.ENOSPC:
             raise
@@ -218,13 +220,13 @@ def _drop_damaged(cache: FeatureCache, owned: list[int], ids: list[str], progres
 
 def _extract_shards(cache: FeatureCache, dataset: SegmentationDataset, ids: list[str], spec: ViewSpec,
                     teachers: list[Teacher], owned: list[int], batch_size: int, num_workers: int, device: str,
-                    bands: tuple[int, int, int], max_value: float | None, progress: bool) -> ExtractSummary:
+                    scaling: BandScaling, progress: bool) -> ExtractSummary:
     done = cache.done_flags()
     todo = [k for k in owned if not done[k]]
     order = [i for k in todo for i in cache.shard_range(k)]
     teachers = [t.to(device) for t in teachers]
 
-    source = ViewSource(dataset, [dataset.index(ids[i]) for i in order], spec, bands, max_value)
+    source = ViewSource(dataset, [dataset.index(ids[i]) for i in order], spec, scaling)
     loader = DataLoader(source, batch_size=None, num_workers=num_workers, prefetch_factor=4 if num_workers else None,
                         persistent_workers=False)
     start, written, pending, empty = time.perf_counter(), 0, None, 0

@@ -5,8 +5,10 @@ and fuses the translated features back into that feature before the decoder. Tea
 this module: their targets come from the cache (or an online teacher) and are compared with
 `StudentOutput.translated` by the training loss.
 
-Every caller feeds RGB in [0, 1] (`to_unit_rgb`, padded with 0); the student applies its encoder's
-pretrained mean/std itself, so training, pseudo-labels, evaluation and mapping cannot forget it.
+Every caller feeds its bands in [0, 1] (`scaling.BandScaling`, padded with 0; RGB first); the student
+applies its encoder's pretrained mean/std (and, for bands past RGB, the bands' recorded statistics)
+itself, so training, pseudo-labels, evaluation and mapping cannot forget it. `config["scaling"]`
+records how pixels were scaled to [0, 1], so every checkpoint carries it.
 """
 
 from __future__ import annotations
@@ -245,8 +247,10 @@ class Student(nn.Module):
         fusion_weights: tuple[float, float] = (0.8, 0.1),
         translator_hidden: int = 1024,
         pretrained: WeightSource | str | Path | None = None,
-        input_mean: tuple[float, float, float] | None = None,
-        input_std: tuple[float, float, float] | None = None,
+        input_mean: tuple[float, ...] | None = None,
+        input_std: tuple[float, ...] | None = None,
+        scaling: dict | None = None,
+        extra_norm: tuple[tuple[float, ...], tuple[float, ...]] = ((), ()),
         **timm_kwargs: Any,
     ):
         super().__init__()
@@ -260,18 +264,19 @@ class Student(nn.Module):
         self.encoder = Encoder(encoder, crop_size, pretrained, **timm_kwargs)
         if input_mean is None or input_std is None:
             # the statistics the encoder was pretrained with, as timm publishes them for it
+            # and, for input bands past RGB (`in_chans` > 3), `extra_norm`: their (means, stds)
             data = timm.data.resolve_model_data_config(self.encoder.model)
-            input_mean, input_std = data["mean"], data["std"]
+            input_mean, input_std = (*data["mean"], *extra_norm[0]), (*data["std"], *extra_norm[1])
         self.config: dict[str, Any] = {
             "encoder": encoder, "num_classes": num_classes, "crop_size": crop_size,
             "teachers": [asdict(t) for t in teachers], "decoder": decoder,
             "fusion_weights": [float(w) for w in fusion_weights], "translator_hidden": translator_hidden,
             "input_mean": [float(v) for v in input_mean], "input_std": [float(v) for v in input_std],
-            "timm_kwargs": dict(timm_kwargs),
+            "scaling": scaling, "timm_kwargs": dict(timm_kwargs),
         }
         # not in the state dict: the config carries them, so a checkpoint's weights load as before
-        self.register_buffer("input_mean", torch.tensor(self.config["input_mean"]).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("input_std", torch.tensor(self.config["input_std"]).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("input_mean", torch.tensor(self.config["input_mean"]).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("input_std", torch.tensor(self.config["input_std"]).view(1, -1, 1, 1), persistent=False)
         features, out_channels = DECODERS[decoder]
         self.head = DPTHead(self.encoder.channels, num_classes, features, out_channels, single_stride=self.encoder.is_vit)
         d_s = self.encoder.channels[-1]
@@ -302,7 +307,7 @@ class Student(nn.Module):
         return [p for n, p in self.named_parameters() if not n.startswith("encoder.")]
 
     def forward(self, x: Tensor) -> StudentOutput:
-        """Logits and translated features for RGB in [0, 1] (B, 3, H, W)."""
+        """Logits and translated features for its bands in [0, 1] (B, C, H, W), RGB first."""
         x = (x - self.input_mean) / self.input_std
         feats = self.encoder(x)
         f = feats[-1]

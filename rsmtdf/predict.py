@@ -37,6 +37,7 @@ from .errors import RsmtdfError
 from .model import Student
 from .recipe import Recipe, recipe_from_json
 from .raster import BandScaling, RasterReader, first_line, window_grid
+from .scaling import check_data, model_scaling, raster_pixels
 
 NODATA = 255
 PROB_SCALE = 254  # probabilities and confidence are stored as round(p * 254): 255 stays nodata
@@ -432,7 +433,7 @@ def pick_device() -> str:
 def predict_many(net: Student, scenes: list[Path], plans: list[Outputs], recipe: Recipe, identity: dict, tiling: Tiling,
                  device: str, overwrite: bool, echo: Callable[[str], None], fail: Callable[[str], None]) -> int:
     """Map every scene, one summary (or one error) line each; return how many could not be mapped."""
-    scaling = BandScaling.from_recipe(recipe)
+    scaling = model_scaling(net.config, recipe)
     names = identity["class_names"]
     failed = 0
     with rasterio.Env(**GDAL_ENV):
@@ -441,6 +442,7 @@ def predict_many(net: Student, scenes: list[Path], plans: list[Outputs], recipe:
                 echo(f"{scene}: {outputs.classes} is complete, skipped (--overwrite maps it again)")
                 continue
             try:
+                check_data(scaling, *raster_pixels(scene), str(scene))
                 echo(predict_scene(net, scene, outputs, scaling, tiling, names, described_classes(identity["dataset"]).colours(),
                                    device).summary())
             except RsmtdfError as exc:

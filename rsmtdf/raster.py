@@ -1,8 +1,8 @@
 """Rasters read window by window: the one place where pixels of any raster become model input.
 
 `RasterReader` opens anything rasterio opens (GeoTIFF, VRT, JPEG2000, PNG, ...) and reads one
-window at a time, never the whole file: the recipe's bands, scaled to [0, 1] by `BandScaling`
-(the same `to_unit_rgb` training uses), and a validity mask that joins every way a raster marks
+window at a time, never the whole file: the model's bands, scaled to [0, 1] by `BandScaling`
+(the same scaling training uses), and a validity mask that joins every way a raster marks
 missing pixels (the nodata value, an alpha band or an internal GDAL mask, i.e. GDAL's mask bands,
 and NaN). Missing pixels are filled with `FILL`, the value views pad with, so a network never sees
 a nodata code as if it were data. `window_grid` is the one window layout for tiling, sliding
@@ -21,7 +21,6 @@ import os
 import threading
 import warnings
 from collections import OrderedDict
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -32,9 +31,8 @@ from rasterio.errors import NotGeoreferencedWarning, RasterioIOError
 from rasterio.vrt import WarpedVRT
 from rasterio.windows import Window
 
-from .data import to_unit_rgb
-from .recipe import Recipe
 from .errors import RsmtdfError
+from .scaling import BandScaling
 
 os.environ.setdefault("GDAL_CACHEMAX", "64")  # MB; read by GDAL when its block cache is first used
 FILL = 0.0  # what missing pixels (nodata, outside the raster) become in [0, 1] input: views pad with 0 too
@@ -63,19 +61,6 @@ def window_grid(height: int, width: int, size: int, stride: int,
     return [[Window(x, y, size, size) for x in xs] for y in grid_offsets(height, size, stride, edge)]
 
 
-@dataclass(frozen=True)
-class BandScaling:
-    """Which raster bands (0-based) the model sees and how they reach [0, 1]: divided by
-    `max_value`, or by the dtype's range when it is None (floats are taken as already in [0, 1])."""
-
-    bands: tuple[int, int, int] = (0, 1, 2)
-    max_value: float | None = None
-
-    @classmethod
-    def from_recipe(cls, recipe: Recipe) -> BandScaling:
-        return cls(tuple(recipe.data.bands), recipe.data.max_value)
-
-
 class RasterReader:
     """One open raster, read by window; a context manager. Not shared between threads.
 
@@ -86,6 +71,7 @@ class RasterReader:
                  align_to: RasterReader | None = None) -> None:
         self.path = Path(path)
         self.scaling = scaling
+        self._selected = None if scaling is None else scaling.selected()
         check_png_end(self.path)
         try:
             with warnings.catch_warnings():
@@ -99,7 +85,7 @@ class RasterReader:
                                  height=align_to.height, resampling=Resampling.nearest, add_alpha=True)
         if scaling is None:
             self.indexes = list(range(1, count + 1))
-        elif count == 1:
+        elif count == 1 and len(scaling.bands) == 3:
             self.indexes = [1]  # a single band is repeated to three, as to_unit_rgb does
         else:
             bad = [b for b in scaling.bands if not 0 <= b < count]
@@ -170,12 +156,12 @@ class RasterReader:
         return pixels, valid
 
     def read(self, window: Window) -> tuple[np.ndarray, np.ndarray]:
-        """(h×w×3 float32 in [0, 1], h×w validity) for `window`; invalid pixels hold FILL."""
+        """(h×w×C float32 in [0, 1], h×w validity) for `window`, C the scaling's bands; invalid pixels hold FILL."""
         assert self.scaling is not None, "a raw reader (scaling=None) has no [0, 1] scaling"
         pixels, valid = self.read_raw(window)
         if np.issubdtype(pixels.dtype, np.floating):
             pixels = np.where(valid[..., None], pixels, 0)
-        unit = to_unit_rgb(pixels, (0, 1, 2), self.scaling.max_value)  # bands were selected when reading
+        unit = self._selected.unit(pixels)  # bands were selected when reading
         unit[~valid] = FILL
         return unit, valid
 

@@ -81,6 +81,9 @@ class DataConfig:
     tile_size: int | None = key(None, at_least(1), doc="cut each scene into tiles of this many px, read by window "
                                 "[default: one sample per file]")
     tile_stride: int | None = key(None, at_least(1), doc="px from one tile to the next [default: tile_size]")
+    scaling: Literal["auto", "dtype", "max_value", "percentile"] = key(
+        "auto", doc="how bands reach [0, 1]: auto = max_value if set, else the 2-98 % stretch of `rsmtdf stats` "
+                    "for data that is not 8-bit, else the dtype's range")
 
 
 @dataclass(frozen=True)
@@ -109,6 +112,8 @@ class StudentConfig:
     translator_hidden: int = key(1024, at_least(1))
     pretrained: bool | str = key(True, doc="true, false or a weights file")
     kwargs: dict[str, Any] = key({}, doc="extra timm.create_model arguments")
+    bands: tuple[int, ...] = key((), BAND_INDICES, doc="raster bands the student sees [default: [data] bands]; "
+                                 "must include those, which come first")
 
 
 @dataclass(frozen=True)

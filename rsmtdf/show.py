@@ -13,8 +13,9 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from .cache import FeatureCache
-from .data import SegmentationDataset, to_unit_rgb
+from .data import SegmentationDataset
 from .errors import RsmtdfError
+from .scaling import BandScaling
 from .views import apply_view
 
 GAP = 4  # white pixels between cells and around the figure
@@ -68,12 +69,16 @@ def choose_samples(cache: FeatureCache, sample_id: str | None = None, index: int
 
 def view_images(cache: FeatureCache, i: int, sample_id: str, dataset: SegmentationDataset | None,
                  cell: int) -> list[Image.Image]:
-    """Each stored view's crop from the dataset, at cell×cell; grey if the pixels cannot be had."""
+    """Each stored view's crop from the dataset, at cell×cell, scaled as the cache's teachers saw it
+    (16-bit data with its percentile stretch, not black); grey if the pixels cannot be had."""
     views = cache.views_of(i)
     rgb = None
+    record = cache.attrs.get("input")
+    scaling = BandScaling() if record is None else BandScaling.from_record(record)
     if dataset is not None:
         try:
-            rgb = to_unit_rgb(dataset.load(dataset.index(sample_id), with_mask=False).image)
+            sample = dataset.load(dataset.index(sample_id), with_mask=False)
+            rgb = scaling.unit(sample.image, sample.valid)
         except RsmtdfError:  # moved or partial dataset: the features are still worth seeing
             pass
     if rgb is None:

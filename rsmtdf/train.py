@@ -34,7 +34,7 @@ from tqdm import tqdm
 from . import splits as splits_mod
 from .cache import CacheReader, FeatureCache, mismatch
 from .checkpoint import load_checkpoint, save_checkpoint
-from .data import DATASETS, IGNORE, SegmentationDataset, check_bands, open_described, open_recipe_dataset, to_unit_rgb
+from .data import DATASETS, IGNORE, SegmentationDataset, check_bands, open_described, open_recipe_dataset
 from .errors import RsmtdfError, worker_errors_as_lines
 from .evaluate import evaluate
 from .extract import view_table
@@ -42,6 +42,7 @@ from .model import Student, TeacherSlot
 from .recipe import Recipe, StudentConfig
 from .runlog import PICTURES, RunLog
 from .runs import check_schedule, claim_run_dir, truncate_metrics
+from .scaling import BandScaling, dataset_scaling, extra_band_norm
 from .slurm import adopt_slurm_env
 from .teachers import Teacher, build_teachers
 from .views import View, apply_view
@@ -57,14 +58,22 @@ def _rng(*keys: int | str) -> np.random.Generator:
 
 
 def strong_augment(x: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
-    """The reference's photometric strong view on a (3, H, W) [0, 1] crop: colour jitter
-    (0.5, 0.5, 0.5, 0.25) with p 0.8, grayscale p 0.2, Gaussian blur σ ∈ [0.1, 2] with p 0.5."""
+    """The reference's photometric strong view on a (C, H, W) [0, 1] crop: colour jitter
+    (0.5, 0.5, 0.5, 0.25) with p 0.8, grayscale p 0.2, Gaussian blur σ ∈ [0.1, 2] with p 0.5.
+
+    Colour ops (contrast, saturation, hue, grayscale) are defined on RGB, so they act on the first
+    three channels (the teachers' bands) only; bands past them get the same brightness factor and
+    the same blur, the ops that mean the same on any band. Three channels draw and give exactly
+    the reference's view."""
+    rgb, extra = x[:3], x[3:]
     if rng.random() < 0.8:
         b, c, s = rng.uniform(0.5, 1.5, 3)
         h = rng.uniform(-0.25, 0.25)
-        x = TF.adjust_hue(TF.adjust_saturation(TF.adjust_contrast(TF.adjust_brightness(x, b), c), s), h)
+        rgb = TF.adjust_hue(TF.adjust_saturation(TF.adjust_contrast(TF.adjust_brightness(rgb, b), c), s), h)
+        extra = (extra * float(b)).clamp(0, 1)
     if rng.random() < 0.2:
-        x = TF.rgb_to_grayscale(x, num_output_channels=3)
+        rgb = TF.rgb_to_grayscale(rgb, num_output_channels=3)
+    x = torch.cat([rgb, extra]) if len(extra) else rgb
     if rng.random() < 0.5:
         sigma = float(rng.uniform(0.1, 2.0))
         x = TF.gaussian_blur(x, kernel_size=2 * math.ceil(3 * sigma) + 1, sigma=sigma)
@@ -91,16 +100,16 @@ def cutmix_box(size: int, snap: int, rng: np.random.Generator, p: float = 0.5) -
 class ReplaySet(Dataset):
     """Samples of one split list, each step showing one of the sample's stored views.
 
-    Item: clean crop (3, c, c), label or ignore mask (c, c: padding and no-data pixels are 255),
+    Item: clean crop (C, c, c) of the student's bands (the teachers' three first), label or ignore mask (c, c: padding and no-data pixels are 255),
     [strong crop, CutMix box,] cache index, view index and, in `cached` mode, the targets of that
     (sample, view). Only views with valid pixels are drawn."""
 
     def __init__(self, dataset: SegmentationDataset, ids: list[str], cache_index: dict[str, int],
                  views: np.ndarray, valid: np.ndarray, crop: int, reader: CacheReader | None, seed: int,
-                 unlabeled: bool, snap: int, bands: tuple[int, int, int], max_value: float | None) -> None:
+                 unlabeled: bool, snap: int, scaling: BandScaling) -> None:
         self.dataset, self.ids, self.cache_index, self.views, self.valid = dataset, ids, cache_index, views, valid
         self.crop, self.reader, self.seed, self.unlabeled, self.snap = crop, reader, seed, unlabeled, snap
-        self.bands, self.max_value = bands, max_value
+        self.scaling = scaling
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -114,7 +123,7 @@ class ReplaySet(Dataset):
         a = int(shown[rng.integers(0, len(shown))])
         view = View.from_array(self.views[i, a])
         sample = self.dataset.load(self.dataset.index(sid), with_mask=not self.unlabeled)
-        rgb = to_unit_rgb(sample.image, self.bands, self.max_value, sample.valid)
+        rgb = self.scaling.unit(sample.image, sample.valid)
         image = torch.from_numpy(apply_view(rgb, view, self.crop))
         item = {"image": image.permute(2, 0, 1).contiguous(), "index": i, "view": a}
         if self.unlabeled:  # padding and no-data pixels of the view are ignored in the unsupervised loss
@@ -187,11 +196,11 @@ def targets_for(mode: str, teachers: list[Teacher], inp: StepInputs, xs_mixed: t
     """Distillation targets for cat(labeled, unlabeled-strong): the only place the modes differ.
 
     Online targets go through the cache's float16 rounding, so `online` and `cached` are comparable
-    step for step."""
+    step for step. Teachers see the first three channels: the teachers' bands of the student's input."""
     out = {}
     for t in teachers if mode != "cached" else []:
         unlabeled = inp.xw if mode == "online" else xs_mixed
-        both = t.targets(torch.cat([inp.x, unlabeled])).half().float()  # one forward: larger matmuls
+        both = t.targets(torch.cat([inp.x, unlabeled])[:, :3]).half().float()  # one forward: larger matmuls
         tl, tu = both.split([len(inp.x), len(unlabeled)])
         out[t.name] = torch.cat([tl, mix_tokens(tu, inp.box, t.grid) if mode == "online" else tu])
     if mode == "cached":
@@ -227,8 +236,9 @@ class Trainer:
                 raise RsmtdfError("--teachers cached needs --cache (or run with --teachers online)")
             t, d = recipe.teachers, recipe.data
             teachers = build_teachers(list(t.names), teacher_weights, sizes=t.sizes)
-            self.cache = view_table(open_recipe_dataset(d), d.splits, recipe.view_spec(),
-                                    teachers)
+            dataset = open_recipe_dataset(d)
+            self.cache = view_table(dataset, d.splits, recipe.view_spec(), teachers,
+                                    dataset_scaling(recipe, dataset)[0].teachers())
             cache_path = self.cache.url
         else:
             self.cache = FeatureCache.open(cache_path)
@@ -243,6 +253,10 @@ class Trainer:
         ds = a["dataset"]
         self.dataset = open_described(ds)
         check_bands(self.dataset, recipe.data.bands, recipe.where("data.bands"))
+        self.scaling, stats = dataset_scaling(recipe, self.dataset)
+        if (why := mismatch(a, {**a, "input": self.scaling.teachers().record()})) is not None:
+            raise RsmtdfError(f"{cache_path}: the recipe would feed other pixels than the cache's teachers saw: {why} "
+                              f"({recipe.where('data.scaling')})")
         self.class_names = list(ds["classes"])
         ids = self.cache.ids
         index = {sid: i for i, sid in enumerate(ids)}
@@ -269,8 +283,11 @@ class Trainer:
         slots = [TeacherSlot(t["name"], t["dim"], t["grid"], t["input_size"]) for t in a["teachers"]]
         st = recipe.student
         crop = int(a["views"]["crop_size"])
+        channels = {} if len(self.scaling.bands) == 3 else {"in_chans": len(self.scaling.bands)}
         self.student = Student(st.encoder, len(self.class_names), crop, slots, st.decoder, st.fusion_weights,
-                               st.translator_hidden, pretrained=_student_weights(st), **st.kwargs).to(self.device)
+                               st.translator_hidden, pretrained=_student_weights(st),
+                               extra_norm=extra_band_norm(self.scaling, stats, recipe),
+                               scaling=self.scaling.record(), **st.kwargs, **channels).to(self.device)
         self.ema = Student.from_config(self.student.config).to(self.device)
         self.ema.load_state_dict(self.student.state_dict())
         self.ema.eval().requires_grad_(False)
@@ -285,7 +302,7 @@ class Trainer:
         views = self.cache.views_array()
         reader = self.cache.reader() if mode == "cached" else None
         common = dict(dataset=self.dataset, cache_index=index, views=views, valid=valid, crop=crop, reader=reader, seed=tr.seed,
-                      snap=snap, bands=recipe.data.bands, max_value=recipe.data.max_value)
+                      snap=snap, scaling=self.scaling)
         # as the reference: the labeled list is repeated to the length of the unlabeled one
         reps = math.ceil(max(len(unlabeled), 1) / len(labeled))
         self.sets = {"l": ReplaySet(ids=(labeled * reps)[: max(len(unlabeled), len(labeled))], unlabeled=False, **common),
@@ -489,10 +506,8 @@ class Trainer:
     def _evaluate(self, log: RunLog | None) -> None:
         if not self.val_ids:
             return
-        data = self.recipe.data
         res, res_ema = (evaluate(model, self.dataset, self.val_ids, len(self.class_names), self.device,
-                                 self.recipe.train.eval_mode, self.student.config["crop_size"],
-                                 data.bands, data.max_value,
+                                 self.recipe.train.eval_mode, self.student.config["crop_size"], self.scaling,
                                  pictures=log.pictures_dir(self.step, name) if log else None, num_pictures=PICTURES,
                                  progress=self.progress)
                         for name, model in (("student", self.student), ("ema", self.ema)))

