@@ -22,7 +22,7 @@ from rasterio.windows import Window
 from test_errors import PROGRESS
 
 from rsmtdf.bench_predict import random_checkpoint, write_scene
-from rsmtdf.data import LOVEDA, to_unit_rgb
+from rsmtdf.data import LOVEDA, NODATA_FILL, to_unit_rgb
 from rsmtdf.errors import RsmtdfError
 from rsmtdf.plots import palette
 from rsmtdf.predict import BandScaling, Tiling, blend_weight, blended_blocks, find_scenes, load_trained
@@ -85,11 +85,12 @@ def alpha_scene(path: Path, h: int = 150, w: int = 170) -> Path:
 
 def reference(net, path: Path, tiling: Tiling) -> tuple[np.ndarray, np.ndarray]:
     """(K, H, W) blended probabilities and (H, W) validity from the whole scene held in memory:
-    every window of the grid run alone, Gaussian-weighted softmax summed over the full arrays."""
+    every window of the grid run alone, Gaussian-weighted softmax summed over the full arrays. The
+    model sees what training feeds: nodata pixels as NODATA_FILL, outside the scene 0 (views' pad)."""
     with rasterio.open(path) as src:
         data = src.read()[:3].transpose(1, 2, 0)
         valid = (src.read_masks()[:3] > 0).any(0)
-    x = to_unit_rgb(data, (0, 1, 2)) * valid[..., None]
+    x = to_unit_rgb(data, (0, 1, 2), valid=valid)
     h, w = valid.shape
     s = tiling.window
     xp = np.zeros((max(h, s), max(w, s), 3), np.float32)
@@ -121,6 +122,7 @@ def streamed(net, path: Path, tiling: Tiling) -> tuple[np.ndarray, np.ndarray, i
     outside = []
     for win, block in blended_blocks(net, path, BandScaling(), tiling, "cpu", lambda run, out: outside.append(out)):
         r, c = int(win.row_off), int(win.col_off)
+        block = block.cpu().numpy()
         assert np.isnan(sums[0, r : r + block.shape[1], c : c + block.shape[2]]).all(), "a block written twice"
         sums[:, r : r + block.shape[1], c : c + block.shape[2]] = block
     assert not np.isnan(sums).any(), "a pixel no block covered"
@@ -305,8 +307,8 @@ def test_nan_and_single_band_rasters(tmp_path):
         dst.write(data)
     with RasterReader(path) as src:
         image, valid = src.read(Window(0, 0, 50, 40))
-    assert image.shape == (40, 50, 3) and (image[..., 0] == image[..., 2]).all()
-    assert not valid[5:10, 5:10].any() and valid.sum() == 40 * 50 - 25 and (image[5:10, 5:10] == 0).all()
+    assert image.shape == (40, 50, 3) and (image[valid, 0] == image[valid, 2]).all()
+    assert not valid[5:10, 5:10].any() and valid.sum() == 40 * 50 - 25 and np.allclose(image[5:10, 5:10], NODATA_FILL)
 
 
 def test_find_scenes_takes_files_folders_and_globs(tmp_path):
