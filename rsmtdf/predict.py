@@ -12,6 +12,7 @@ are never run.
 
 from __future__ import annotations
 
+import ctypes
 import glob
 import json
 import os
@@ -20,6 +21,7 @@ import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,7 +45,10 @@ NODATA = 255
 PROB_SCALE = 254  # probabilities and confidence are stored as round(p * 254): 255 stays nodata
 BLOCK = 512  # COG tile size, and the column chunk of the blend band
 RASTER_SUFFIXES = (".tif", ".tiff", ".vrt", ".jp2", ".png", ".jpg", ".jpeg", ".img")
-GDAL_ENV = {"GDAL_CACHEMAX": 64}  # MB: GDAL's block cache, not the scene, bounds what GDAL holds
+# MB: GDAL's block cache, shared by the reader and the writer. It fills up to its limit on any scene
+# large enough, so it is part of the peak; 16 MB holds the input blocks a few windows share, and
+# blocks the window rows share are decoded again instead of kept across the scene's width.
+GDAL_ENV = {"GDAL_CACHEMAX": 16}
 
 
 def load_trained(checkpoint: str | Path, which: str = "ema") -> tuple[Student, dict, Recipe]:
@@ -222,7 +227,7 @@ def blended_blocks(net: Student, path: Path, scaling: BandScaling, tiling: Tilin
     ys, xs = [int(r[0].row_off) for r in rows], [int(w.col_off) for w in rows[0]]
     band = BlendBand(net.config["num_classes"] + 1, height, width, ys, xs, tiling.window, device)
     weight = torch.from_numpy(blend_weight(tiling.window)).to(device)
-    items: queue.Queue = queue.Queue(maxsize=2)
+    items: queue.Queue = queue.Queue(maxsize=1)  # one batch ready while the model runs one and the reader fills one
     stop = threading.Event()
     thread = threading.Thread(target=_reader, args=(path, scaling, rows, tiling.batch_size, items, stop), daemon=True)
     thread.start()
@@ -475,13 +480,48 @@ def pick_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def mapping_threads(device: str | torch.device) -> int:
+    """torch intra-op threads while `predict` runs: on a CPU one core fewer than this process may use
+    (at least one), so the reader and writer threads and GDAL keep a core and never make the model's
+    threads wait; never more than torch was given (OMP_NUM_THREADS). A GPU keeps torch's setting."""
+    if torch.device(device).type != "cpu":
+        return torch.get_num_threads()
+    return max(1, min(torch.get_num_threads(), len(os.sched_getaffinity(0)) - 1))
+
+
+@contextmanager
+def intra_op_threads(n: int) -> Iterator[None]:
+    """torch's intra-op thread count set to `n` inside the block, restored after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _return_freed_memory() -> None:
+    """Serve every allocation above 1 MB from its own mapping, returned to the system when freed.
+
+    glibc raises its mmap threshold each time a large block is freed, after which the batches,
+    probabilities and activations that a scene allocates window after window come from heap arenas
+    that fragment and keep growing with the number of windows (measured: +130 MB peak at 8192² over
+    2048², BENCHMARKS.md "Mapping"). A fixed threshold keeps the peak a function of the batch. No-op
+    without glibc."""
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+    except OSError:
+        pass
+
+
 def predict_many(net: Student, scenes: list[Path], plans: list[Outputs], recipe: Recipe, identity: dict, tiling: Tiling,
                  device: str, overwrite: bool, echo: Callable[[str], None], fail: Callable[[str], None]) -> int:
     """Map every scene, one summary (or one error) line each; return how many could not be mapped."""
     scaling = BandScaling.from_recipe(recipe)
     names = identity["class_names"]
     failed = 0
-    with rasterio.Env(**GDAL_ENV):
+    _return_freed_memory()
+    with rasterio.Env(**GDAL_ENV), intra_op_threads(mapping_threads(device)):
         for scene, outputs in zip(scenes, plans):
             if outputs.complete() and not overwrite:
                 echo(f"{scene}: {outputs.classes} is complete, skipped (--overwrite maps it again)")
