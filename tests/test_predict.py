@@ -60,12 +60,15 @@ def _pixels(h: int, w: int, bands: int = 3, seed: int = 0) -> np.ndarray:
     return np.clip(img + rng.integers(-20, 21, img.shape), 1, 255).astype(np.uint8)
 
 
-def nodata_scene(path: Path, h: int = 230, w: int = 310) -> Path:
-    """3-band scene, nodata = 0, with a nodata rectangle larger than two windows (top left) and
-    a few scattered nodata pixels; blocks of 64 so windows cross block edges."""
+def nodata_scene(path: Path, h: int = 230, w: int = 310, mirrored: bool = False) -> Path:
+    """3-band scene, nodata = 0, with a nodata rectangle larger than two windows (top left, or top
+    right when `mirrored`: window rows then end in skipped windows) and a few scattered nodata
+    pixels; blocks of 64 so windows cross block edges."""
     img = _pixels(h, w)
     img[:, :120, :150] = 0
     img[:, 200, 250:260] = 0
+    if mirrored:
+        img = np.ascontiguousarray(img[:, :, ::-1])
     with rasterio.open(path, "w", driver="GTiff", width=w, height=h, count=3, dtype="uint8", crs="EPSG:32650",
                        transform=GEO, nodata=0, tiled=True, blockxsize=64, blockysize=64) as dst:
         dst.write(img)
@@ -138,16 +141,17 @@ def assert_same_map(p: np.ndarray, ref: np.ndarray, ok: np.ndarray) -> None:
     assert ((p.argmax(0) == ref.argmax(0)) | tie | ~ok).all()
 
 
-@pytest.mark.parametrize("batch", [1, 5])
-def test_streamed_blocks_equal_the_whole_scene_reference(tmp_path, checkpoint, batch):
+@pytest.mark.parametrize("batch, mirrored", [(1, False), (5, False), (5, True)])
+def test_streamed_blocks_equal_the_whole_scene_reference(tmp_path, checkpoint, batch, mirrored):
     net, _, _ = load_trained(checkpoint)
-    scene = nodata_scene(tmp_path / "scene.tif")
+    scene = nodata_scene(tmp_path / "scene.tif", mirrored=mirrored)
     tiling = Tiling(WINDOW, STRIDE, batch)
     ref, ref_ok = reference(net, scene, tiling)
     p, ok, outside = streamed(net, scene, tiling)
     assert (ok == ref_ok).all()
     assert_same_map(p, ref, ok)
     assert outside > 0  # windows inside the nodata rectangle were skipped, not run
+    ok = ok[:, ::-1] if mirrored else ok
     assert not ok[:120, :150].any() and not ok[200, 250:260].any() and ok[150:, 160:].mean() > 0.99
 
 
