@@ -141,7 +141,7 @@ def assert_same_map(p: np.ndarray, ref: np.ndarray, ok: np.ndarray) -> None:
     assert ((p.argmax(0) == ref.argmax(0)) | tie | ~ok).all()
 
 
-@pytest.mark.parametrize("batch, mirrored", [(1, False), (5, False), (5, True)])
+@pytest.mark.parametrize("batch, mirrored", [(1, False), (5, False), (3, True)])
 def test_streamed_blocks_equal_the_whole_scene_reference(tmp_path, checkpoint, batch, mirrored):
     net, _, _ = load_trained(checkpoint)
     scene = nodata_scene(tmp_path / "scene.tif", mirrored=mirrored)
