@@ -1,11 +1,12 @@
 """Map whole scenes with a trained model, streamed: memory does not grow with the scene.
 
 A reader thread reads the scene window by window (`raster.RasterReader`, never the whole file) on
-`raster.window_grid`; the main thread runs the windows through the model in batches and blends
-their softmax probabilities with a Gaussian weight (MONAI's sliding-window default, sigma = window/8)
-into a `BlendBand`; a writer thread turns every finished block into classes (and optionally
-probabilities or confidence) and writes it to a tiled temporary GeoTIFF, which is copied to a
-Cloud-Optimized GeoTIFF and renamed into place, so a killed run never leaves a half-written map.
+`raster.window_grid` and hands over channel-first batches; the main thread runs them through the
+model and blends their softmax probabilities with a Gaussian weight (MONAI's sliding-window
+default, sigma = window/8) into a `BlendBand` on the model's device, where every finished block
+also becomes uint8 classes (and optionally probabilities or confidence, `quantised`); a writer
+thread writes those bytes to a tiled temporary GeoTIFF, which is copied to a Cloud-Optimized
+GeoTIFF and renamed into place, so a killed run never leaves a half-written map.
 Pixels the input marks as missing get no weight and come out as 255; windows with no valid pixel
 are never run.
 """
