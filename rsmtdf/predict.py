@@ -1,17 +1,19 @@
 """Map whole scenes with a trained model, streamed: memory does not grow with the scene.
 
 A reader thread reads the scene window by window (`raster.RasterReader`, never the whole file) on
-`raster.window_grid`; the main thread runs the windows through the model in batches and blends
-their softmax probabilities with a Gaussian weight (MONAI's sliding-window default, sigma = window/8)
-into a `BlendBand`; a writer thread turns every finished block into classes (and optionally
-probabilities or confidence) and writes it to a tiled temporary GeoTIFF, which is copied to a
-Cloud-Optimized GeoTIFF and renamed into place, so a killed run never leaves a half-written map.
+`raster.window_grid` and hands over channel-first batches; the main thread runs them through the
+model and blends their softmax probabilities with a Gaussian weight (MONAI's sliding-window
+default, sigma = window/8) into a `BlendBand` on the model's device, where every finished block
+also becomes uint8 classes (and optionally probabilities or confidence, `quantised`); a writer
+thread writes those bytes to a tiled temporary GeoTIFF, which is copied to a Cloud-Optimized
+GeoTIFF and renamed into place, so a killed run never leaves a half-written map.
 Pixels the input marks as missing get no weight and come out as 255; windows with no valid pixel
 are never run.
 """
 
 from __future__ import annotations
 
+import ctypes
 import glob
 import json
 import os
@@ -20,6 +22,7 @@ import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,7 +46,10 @@ NODATA = 255
 PROB_SCALE = 254  # probabilities and confidence are stored as round(p * 254): 255 stays nodata
 BLOCK = 512  # COG tile size, and the column chunk of the blend band
 RASTER_SUFFIXES = (".tif", ".tiff", ".vrt", ".jp2", ".png", ".jpg", ".jpeg", ".img")
-GDAL_ENV = {"GDAL_CACHEMAX": 64}  # MB: GDAL's block cache, not the scene, bounds what GDAL holds
+# MB: GDAL's block cache, shared by the reader and the writer. It fills up to its limit on any scene
+# large enough, so it is part of the peak; 16 MB holds the input blocks a few windows share, and
+# blocks the window rows share are decoded again instead of kept across the scene's width.
+GDAL_ENV = {"GDAL_CACHEMAX": 16}
 
 
 def load_trained(checkpoint: str | Path, which: str = "ema") -> tuple[Student, dict, Recipe]:
@@ -86,47 +92,62 @@ def blend_weight(size: int) -> np.ndarray:
 
 
 class BlendBand:
-    """Weighted probability sums (K classes + the weight) of the rows one window row covers.
+    """Weighted probability sums (K classes + the weight) of the rows one window row covers, kept on
+    the model's device and added in place.
 
     Kept per column chunk of BLOCK pixels: a chunk is finished, and handed out, as soon as the
     windows passing over it are added; only the rows it shares with the next window row (the
-    vertical overlap) are carried over the full width. Memory: window × (window + BLOCK) per active
-    chunk plus overlap × width, whatever the scene's height.
+    vertical overlap) are carried over the full width, in one tensor allocated per scene. Chunk
+    buffers are reused: the few a window row needs at once are allocated on first use and never
+    again. Memory: about (window / BLOCK + 2) chunks of window × BLOCK plus overlap × width, whatever
+    the scene's height.
     """
 
-    def __init__(self, channels: int, height: int, width: int, ys: list[int], xs: list[int], size: int) -> None:
-        self.c, self.h, self.w, self.ys, self.xs, self.size = channels, height, width, ys, xs, size
+    def __init__(self, channels: int, height: int, width: int, ys: list[int], xs: list[int], size: int,
+                 device: str | torch.device = "cpu") -> None:
+        self.c, self.h, self.w, self.ys, self.xs, self.size, self.device = channels, height, width, ys, xs, size, device
         self.chunks = [(c0, min(c0 + BLOCK, width)) for c0 in range(0, width, BLOCK)]
-        self.active: dict[int, np.ndarray] = {}
-        self.carry: dict[int, np.ndarray] = {}
+        overlap = max((self._rows(i)[1] - ys[i + 1] for i in range(len(ys) - 1)), default=0)
+        self.carry = torch.zeros((channels, overlap, width), device=device)
+        self.active: dict[int, torch.Tensor] = {}
+        self.spare: list[torch.Tensor] = []
         self.row, self.chunk = 0, 0  # the next (window row, chunk) to finish
 
     def _rows(self, i: int) -> tuple[int, int]:
         return self.ys[i], min(self.ys[i] + self.size, self.h)
 
-    def _buffer(self, i: int, k: int) -> np.ndarray:
-        if k not in self.active:
+    def _buffer(self, i: int, k: int) -> torch.Tensor:
+        """Chunk k's sums for window row i: the rows row i - 1 left in `carry`, zeros below."""
+        buf = self.active.get(k)
+        if buf is None:
             top, bottom = self._rows(i)
+            buf = self.spare.pop() if self.spare else torch.empty((self.c, bottom - top, BLOCK), device=self.device)
             c0, c1 = self.chunks[k]
-            buf = np.zeros((self.c, bottom - top, c1 - c0), np.float32)
-            carried = self.carry.pop(k, None)
-            if carried is not None:
-                buf[:, : carried.shape[1]] = carried
+            carried = self._rows(i - 1)[1] - top if i > 0 else 0
+            buf[:, :carried, : c1 - c0] = self.carry[:, :carried, c0:c1]
+            buf[:, carried:].zero_()
             self.active[k] = buf
-        return self.active[k]
+        return buf
 
-    def add(self, i: int, j: int, values: np.ndarray) -> None:
-        """Add window (row i, column j): `values` (channels, size, size), weight already applied."""
+    def add(self, i: int, j: int, probs: torch.Tensor, weight: torch.Tensor) -> None:
+        """Add window (row i, column j): softmax `probs` (K, size, size) times `weight` (size, size),
+        which is 0 on invalid pixels, and the weight itself."""
         top, bottom = self._rows(i)
+        n = bottom - top
         x0 = self.xs[j]
         x1 = min(x0 + self.size, self.w)
         for k in range(x0 // BLOCK, (x1 - 1) // BLOCK + 1):
             c0, c1 = self.chunks[k]
             a, b = max(x0, c0), min(x1, c1)
-            self._buffer(i, k)[:, :, a - c0 : b - c0] += values[:, : bottom - top, a - x0 : b - x0]
+            buf = self._buffer(i, k)
+            w = weight[:n, a - x0 : b - x0]
+            buf[:-1, :n, a - c0 : b - c0].addcmul_(probs[:, :n, a - x0 : b - x0], w)
+            buf[-1, :n, a - c0 : b - c0] += w
 
-    def finish(self, i: int, j: int) -> Iterator[tuple[Window, np.ndarray]]:
-        """Hand out every block that no window after (i, j) touches, in raster order."""
+    def finish(self, i: int, j: int) -> Iterator[tuple[Window, torch.Tensor]]:
+        """Hand out every block that no window after (i, j) touches, in raster order. Call it after
+        every window, added or skipped, in raster order. A block is a view of a reused buffer: use it
+        before asking for the next."""
         while self.row < len(self.ys) and (self.row < i or (self.row == i and self.chunks[self.chunk][1] <= self._done_col(j))):
             yield self._finish_one(self.row, self.chunk)
             self.chunk += 1
@@ -136,76 +157,94 @@ class BlendBand:
     def _done_col(self, j: int) -> int:
         return self.xs[j + 1] if j + 1 < len(self.xs) else self.w
 
-    def _finish_one(self, i: int, k: int) -> tuple[Window, np.ndarray]:
+    def _finish_one(self, i: int, k: int) -> tuple[Window, torch.Tensor]:
         buf = self._buffer(i, k)
         del self.active[k]
-        top = self.ys[i]
+        self.spare.append(buf)
+        top, bottom = self._rows(i)
         end = self.ys[i + 1] if i + 1 < len(self.ys) else self.h
-        if i + 1 < len(self.ys):
-            self.carry[k] = buf[:, end - top :].copy()
         c0, c1 = self.chunks[k]
-        return Window(c0, top, c1 - c0, end - top), buf[:, : end - top]
+        if i + 1 < len(self.ys):
+            self.carry[:, : bottom - end, c0:c1] = buf[:, end - top : bottom - top, : c1 - c0]
+        return Window(c0, top, c1 - c0, end - top), buf[:, : end - top, : c1 - c0]
+
+
+@dataclass(frozen=True)
+class _Batch:
+    """Windows in raster order as the reader hands them over: `cells` (row, column, index into
+    `images`, or -1 for a window with no valid pixel, which is not run) and the run windows' pixels."""
+
+    cells: list[tuple[int, int, int]]
+    images: torch.Tensor | None  # (B, 3, S, S) float32 in [0, 1]
+    valid: torch.Tensor | None  # (B, S, S) bool
 
 
 _END = object()
 
 
-def _reader(path: Path, scaling: BandScaling, rows: list[list[Window]], out: queue.Queue, stop: threading.Event) -> None:
-    """Thread: every window of the grid in raster order as (i, j, unit image or None, valid)."""
+def _reader(path: Path, scaling: BandScaling, rows: list[list[Window]], batch_size: int, out: queue.Queue,
+            stop: threading.Event) -> None:
+    """Thread: every window of the grid, in raster order, as batches ready for the model (stacked
+    channel-first here, so the model's thread only runs the model)."""
     try:
         with rasterio.Env(**GDAL_ENV), RasterReader(path, scaling) as src:
+            size = int(rows[0][0].height)
+            cells: list[tuple[int, int, int]] = []
+            images = np.empty((batch_size, 3, size, size), np.float32)
+            valid = np.empty((batch_size, size, size), bool)
+            n = 0
             for i, row in enumerate(rows):
                 for j, win in enumerate(row):
                     if stop.is_set():
                         return
-                    image, valid = src.read(win)
-                    out.put((i, j, image, valid) if valid.any() else (i, j, None, None))
+                    image, ok = src.read(win)
+                    if ok.any():
+                        images[n], valid[n] = image.transpose(2, 0, 1), ok
+                        cells.append((i, j, n))
+                        n += 1
+                    else:
+                        cells.append((i, j, -1))
+                    if n == batch_size:
+                        out.put(_Batch(cells, torch.from_numpy(images), torch.from_numpy(valid)))
+                        cells, n = [], 0
+                        images = np.empty_like(images)
+                        valid = np.empty_like(valid)
+            if cells:
+                out.put(_Batch(cells, torch.from_numpy(images[:n]) if n else None, torch.from_numpy(valid[:n]) if n else None))
         out.put(_END)
     except BaseException as exc:  # noqa: BLE001 - handed to the main thread, which raises it there
         out.put(exc)
 
 
 def blended_blocks(net: Student, path: Path, scaling: BandScaling, tiling: Tiling, device: str | torch.device,
-                   progress: Callable[[int, int], None] = lambda run, outside: None) -> Iterator[tuple[Window, np.ndarray]]:
-    """Finished blocks of a scene, in raster order: (window, (K + 1, h, w) float32) holding the
-    weighted probability sums and, last, the summed weight (0 where the input has no data).
-    `progress(run, outside)` is told of windows run and of windows skipped for having no valid pixel."""
+                   progress: Callable[[int, int], None] = lambda run, outside: None) -> Iterator[tuple[Window, torch.Tensor]]:
+    """Finished blocks of a scene, in raster order: (window, (K + 1, h, w) float32 on `device`)
+    holding the weighted probability sums and, last, the summed weight (0 where the input has no
+    data); each is a view valid until the next is asked for. `progress(run, outside)` is told of
+    windows run and of windows skipped for having no valid pixel."""
     with RasterReader(path, scaling) as src:
         height, width = src.height, src.width
     rows = window_grid(height, width, tiling.window, tiling.stride)
     ys, xs = [int(r[0].row_off) for r in rows], [int(w.col_off) for w in rows[0]]
-    band = BlendBand(net.config["num_classes"] + 1, height, width, ys, xs, tiling.window)
+    band = BlendBand(net.config["num_classes"] + 1, height, width, ys, xs, tiling.window, device)
     weight = torch.from_numpy(blend_weight(tiling.window)).to(device)
-    items: queue.Queue = queue.Queue(maxsize=2 * tiling.batch_size)
+    items: queue.Queue = queue.Queue(maxsize=1)  # one batch ready while the model runs one and the reader fills one
     stop = threading.Event()
-    thread = threading.Thread(target=_reader, args=(path, scaling, rows, items, stop), daemon=True)
+    thread = threading.Thread(target=_reader, args=(path, scaling, rows, tiling.batch_size, items, stop), daemon=True)
     thread.start()
     try:
-        batch: list[tuple[int, int, np.ndarray, np.ndarray]] = []
-        last = (0, 0)
-        while True:
-            item = items.get()
+        while (item := items.get()) is not _END:
             if isinstance(item, BaseException):
                 raise item
-            end = item is _END
-            if not end:
-                last = item[:2]
-                if item[2] is None:
-                    progress(0, 1)
-                else:
-                    batch.append(item)
-            if batch and (end or len(batch) == tiling.batch_size):
-                values = _forward(net, batch, weight, device)
-                for (i, j, _, _), v in zip(batch, values):
-                    band.add(i, j, v)
-                    yield from band.finish(i, j)
-                progress(len(batch), 0)
-                batch = []
-            if not batch:  # every window pulled so far is added: what they finished can go
-                yield from band.finish(*last)
-            if end:
-                yield from band.finish(len(ys) - 1, len(xs) - 1)
-                return
+            if item.images is not None:
+                probs = _probabilities(net, item.images, device)
+                weights = weight * item.valid.to(device)
+            for i, j, k in item.cells:
+                if k >= 0:
+                    band.add(i, j, probs[k], weights[k])
+                yield from band.finish(i, j)
+            run = 0 if item.images is None else len(item.images)
+            progress(run, len(item.cells) - run)
     finally:
         stop.set()
         while thread.is_alive():  # unblock a reader waiting on a full queue
@@ -216,15 +255,32 @@ def blended_blocks(net: Student, path: Path, scaling: BandScaling, tiling: Tilin
 
 
 @torch.no_grad()
-def _forward(net: Student, batch: list, weight: torch.Tensor, device: str | torch.device) -> np.ndarray:
-    """(B, K + 1, S, S): softmax probabilities × weight × validity, and the weight × validity."""
-    x = torch.from_numpy(np.stack([b[2] for b in batch])).permute(0, 3, 1, 2).to(device)
-    valid = torch.from_numpy(np.stack([b[3] for b in batch])).to(device)
+def _probabilities(net: Student, images: torch.Tensor, device: str | torch.device) -> torch.Tensor:
+    """(B, K, S, S) float32 softmax probabilities, under the same autocast as evaluation."""
     dev = torch.device(device)
     with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
-        logits = net(x).logits
-    w = (weight * valid)[:, None]
-    return torch.cat([logits.float().softmax(1) * w, w], 1).cpu().numpy()
+        logits = net(images.to(dev, non_blocking=True)).logits
+    return logits.float().softmax(1)
+
+
+def quantised(sums: torch.Tensor, kinds: tuple[str, ...]) -> dict[str, np.ndarray]:
+    """One finished block of sums (K + 1, h, w) → the uint8 arrays the writer stores, computed on the
+    sums' device so only bytes cross to the host: "classes" (h, w), and where asked "probabilities"
+    (K, h, w) and "confidence" (h, w) as round(p × PROB_SCALE); NODATA where no window saw data."""
+    weight = sums[-1]
+    valid = weight > 0
+    top, classes = sums[:-1].max(0)
+    out = {"classes": torch.where(valid, classes, NODATA)}
+    safe = torch.where(valid, weight, 1)
+    if "probabilities" in kinds:
+        out["probabilities"] = _scaled(sums[:-1] / safe, valid)
+    if "confidence" in kinds:
+        out["confidence"] = _scaled(top / safe, valid)
+    return {k: v.to(torch.uint8).cpu().numpy() for k, v in out.items()}
+
+
+def _scaled(p: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    return torch.where(valid, torch.round(p * PROB_SCALE), NODATA)
 
 
 @dataclass(frozen=True)
@@ -270,7 +326,8 @@ def _partial(path: Path, kind: str) -> Path:
 
 
 class _Writer:
-    """Thread: blocks of blended sums → class map (and probabilities / confidence) in tiled GTiffs."""
+    """Thread: finished blocks, already uint8 (`quantised`), → class map (and probabilities /
+    confidence) in tiled GTiffs."""
 
     def __init__(self, outputs: Outputs, profile: dict, class_names: list[str], colours: np.ndarray) -> None:
         self.outputs, self.nodata_pixels = outputs, 0
@@ -296,10 +353,11 @@ class _Writer:
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
 
-    def put(self, window: Window, sums: np.ndarray) -> None:
+    def put(self, window: Window, arrays: dict[str, np.ndarray]) -> None:
+        """Queue one block's uint8 arrays (`quantised`) for writing."""
         if self.error is not None:
             raise self.error
-        self.queue.put((window, sums))
+        self.queue.put((window, arrays))
 
     def _run(self) -> None:
         try:
@@ -311,17 +369,13 @@ class _Writer:
             while self.queue.get() is not None:  # drain so the main thread never blocks
                 pass
 
-    def _write(self, window: Window, sums: np.ndarray) -> None:
-        weight = sums[-1]
-        valid = weight > 0
-        probs = sums[:-1] / np.where(valid, weight, 1)
-        self.nodata_pixels += int((~valid).sum())
-        classes = np.where(valid, probs.argmax(0), NODATA).astype(np.uint8)
-        self.files["classes"].write(classes, 1, window=window)
+    def _write(self, window: Window, arrays: dict[str, np.ndarray]) -> None:
+        self.nodata_pixels += int(np.count_nonzero(arrays["classes"] == NODATA))
+        self.files["classes"].write(arrays["classes"], 1, window=window)
         if "probabilities" in self.files:
-            self.files["probabilities"].write(_scaled(probs, valid), window=window)
+            self.files["probabilities"].write(arrays["probabilities"], window=window)
         if "confidence" in self.files:
-            self.files["confidence"].write(_scaled(probs.max(0), valid), 1, window=window)
+            self.files["confidence"].write(arrays["confidence"], 1, window=window)
 
     def close(self) -> None:
         """Wait for every block to be written, close the files, raise what went wrong there."""
@@ -331,10 +385,6 @@ class _Writer:
             dst.close()
         if self.error is not None:
             raise self.error
-
-
-def _scaled(p: np.ndarray, valid: np.ndarray) -> np.ndarray:
-    return np.where(valid, np.rint(p * PROB_SCALE), NODATA).astype(np.uint8)
 
 
 def _to_cog(partial: Path, final: Path, resampling: str) -> None:
@@ -372,8 +422,9 @@ def predict_scene(net: Student, path: Path, outputs: Outputs, scaling: BandScali
         writer = _Writer(outputs, profile, class_names, colours)
         try:
             with tqdm(total=total, desc=path.name, unit="win", leave=False) as bar:
+                kinds = tuple(writer.files)
                 for window, sums in blended_blocks(net, path, scaling, tiling, device, progress):
-                    writer.put(window, sums)
+                    writer.put(window, quantised(sums, kinds))
         finally:
             writer.close()
         for final in outputs.all():
@@ -430,13 +481,48 @@ def pick_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def mapping_threads(device: str | torch.device) -> int:
+    """torch intra-op threads while `predict` runs: on a CPU one core fewer than this process may use
+    (at least one), so the reader and writer threads and GDAL keep a core and never make the model's
+    threads wait; never more than torch was given (OMP_NUM_THREADS). A GPU keeps torch's setting."""
+    if torch.device(device).type != "cpu":
+        return torch.get_num_threads()
+    return max(1, min(torch.get_num_threads(), len(os.sched_getaffinity(0)) - 1))
+
+
+@contextmanager
+def intra_op_threads(n: int) -> Iterator[None]:
+    """torch's intra-op thread count set to `n` inside the block, restored after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _return_freed_memory() -> None:
+    """Serve every allocation above 1 MB from its own mapping, returned to the system when freed.
+
+    glibc raises its mmap threshold each time a large block is freed, after which the batches,
+    probabilities and activations that a scene allocates window after window come from heap arenas
+    that fragment and keep growing with the number of windows (measured: +130 MB peak at 8192² over
+    2048², BENCHMARKS.md "Mapping"). A fixed threshold keeps the peak a function of the batch. No-op
+    without glibc."""
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+    except OSError:
+        pass
+
+
 def predict_many(net: Student, scenes: list[Path], plans: list[Outputs], recipe: Recipe, identity: dict, tiling: Tiling,
                  device: str, overwrite: bool, echo: Callable[[str], None], fail: Callable[[str], None]) -> int:
     """Map every scene, one summary (or one error) line each; return how many could not be mapped."""
     scaling = model_scaling(net.config, recipe)
     names = identity["class_names"]
     failed = 0
-    with rasterio.Env(**GDAL_ENV):
+    _return_freed_memory()
+    with rasterio.Env(**GDAL_ENV), intra_op_threads(mapping_threads(device)):
         for scene, outputs in zip(scenes, plans):
             if outputs.complete() and not overwrite:
                 echo(f"{scene}: {outputs.classes} is complete, skipped (--overwrite maps it again)")

@@ -4,9 +4,10 @@
 window at a time, never the whole file: the model's bands, scaled to [0, 1] by `BandScaling`
 (the same scaling training uses), and a validity mask that joins every way a raster marks
 missing pixels (the nodata value, an alpha band or an internal GDAL mask, i.e. GDAL's mask bands,
-and NaN). Missing pixels are filled with `FILL`, the value views pad with, so a network never sees
-a nodata code as if it were data. `window_grid` is the one window layout for tiling, sliding
-evaluation and block-wise prediction.
+and NaN). Nodata pixels are filled with `data.NODATA_FILL` as in training, and the part of a window
+outside the raster with `FILL`, the value views pad with, so a network never sees a nodata code as
+if it were data and mapping feeds what training fed. `window_grid` is the one window layout for
+tiling, sliding evaluation and block-wise prediction.
 
 Datasets read their tiles through the same reader (every band, raw: `scaling=None`), kept open in a
 small per-process cache (`open_cached`) as torchgeo keeps file handles rather than decoded pixels;
@@ -35,7 +36,7 @@ from .errors import RsmtdfError
 from .scaling import BandScaling
 
 os.environ.setdefault("GDAL_CACHEMAX", "64")  # MB; read by GDAL when its block cache is first used
-FILL = 0.0  # what missing pixels (nodata, outside the raster) become in [0, 1] input: views pad with 0 too
+FILL = 0.0  # what the part of a window outside the raster becomes in [0, 1] input: views pad with 0 too
 
 
 def grid_offsets(length: int, size: int, stride: int, edge: Literal["shift", "partial"] = "shift") -> list[int]:
@@ -156,13 +157,19 @@ class RasterReader:
         return pixels, valid
 
     def read(self, window: Window) -> tuple[np.ndarray, np.ndarray]:
-        """(h×w×C float32 in [0, 1], h×w validity) for `window`, C the scaling's bands; invalid pixels hold FILL."""
+        """(h×w×C float32 in [0, 1], h×w validity) for `window`, C the scaling's bands: nodata pixels
+        hold the scaling's fill (NODATA_FILL, as in training); the part outside the raster holds FILL,
+        as views pad."""
         assert self.scaling is not None, "a raw reader (scaling=None) has no [0, 1] scaling"
         pixels, valid = self.read_raw(window)
         if np.issubdtype(pixels.dtype, np.floating):
             pixels = np.where(valid[..., None], pixels, 0)
-        unit = self._selected.unit(pixels)  # bands were selected when reading
-        unit[~valid] = FILL
+        unit = self._selected.unit(pixels, valid)  # bands were selected when reading
+        inner = window.intersection(Window(0, 0, self.width, self.height))
+        r0, c0 = int(inner.row_off - window.row_off), int(inner.col_off - window.col_off)
+        outside = np.ones(valid.shape, bool)
+        outside[r0 : r0 + int(inner.height), c0 : c0 + int(inner.width)] = False
+        unit[outside] = FILL
         return unit, valid
 
 

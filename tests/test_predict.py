@@ -22,7 +22,7 @@ from rasterio.windows import Window
 from test_errors import PROGRESS
 
 from rsmtdf.bench_predict import random_checkpoint, write_scene
-from rsmtdf.data import LOVEDA, to_unit_rgb
+from rsmtdf.data import LOVEDA, NODATA_FILL, to_unit_rgb
 from rsmtdf.errors import RsmtdfError
 from rsmtdf.predict import BandScaling, Tiling, blend_weight, blended_blocks, find_scenes, load_trained
 from rsmtdf.raster import RasterReader, grid_offsets, window_grid
@@ -59,12 +59,15 @@ def _pixels(h: int, w: int, bands: int = 3, seed: int = 0) -> np.ndarray:
     return np.clip(img + rng.integers(-20, 21, img.shape), 1, 255).astype(np.uint8)
 
 
-def nodata_scene(path: Path, h: int = 230, w: int = 310) -> Path:
-    """3-band scene, nodata = 0, with a nodata rectangle larger than two windows (top left) and
-    a few scattered nodata pixels; blocks of 64 so windows cross block edges."""
+def nodata_scene(path: Path, h: int = 230, w: int = 310, mirrored: bool = False) -> Path:
+    """3-band scene, nodata = 0, with a nodata rectangle larger than two windows (top left, or top
+    right when `mirrored`: window rows then end in skipped windows) and a few scattered nodata
+    pixels; blocks of 64 so windows cross block edges."""
     img = _pixels(h, w)
     img[:, :120, :150] = 0
     img[:, 200, 250:260] = 0
+    if mirrored:
+        img = np.ascontiguousarray(img[:, :, ::-1])
     with rasterio.open(path, "w", driver="GTiff", width=w, height=h, count=3, dtype="uint8", crs="EPSG:32650",
                        transform=GEO, nodata=0, tiled=True, blockxsize=64, blockysize=64) as dst:
         dst.write(img)
@@ -84,11 +87,12 @@ def alpha_scene(path: Path, h: int = 150, w: int = 170) -> Path:
 
 def reference(net, path: Path, tiling: Tiling) -> tuple[np.ndarray, np.ndarray]:
     """(K, H, W) blended probabilities and (H, W) validity from the whole scene held in memory:
-    every window of the grid run alone, Gaussian-weighted softmax summed over the full arrays."""
+    every window of the grid run alone, Gaussian-weighted softmax summed over the full arrays. The
+    model sees what training feeds: nodata pixels as NODATA_FILL, outside the scene 0 (views' pad)."""
     with rasterio.open(path) as src:
         data = src.read()[:3].transpose(1, 2, 0)
         valid = (src.read_masks()[:3] > 0).any(0)
-    x = to_unit_rgb(data, (0, 1, 2)) * valid[..., None]
+    x = to_unit_rgb(data, (0, 1, 2), valid=valid)
     h, w = valid.shape
     s = tiling.window
     xp = np.zeros((max(h, s), max(w, s), 3), np.float32)
@@ -120,6 +124,7 @@ def streamed(net, path: Path, tiling: Tiling) -> tuple[np.ndarray, np.ndarray, i
     outside = []
     for win, block in blended_blocks(net, path, BandScaling(), tiling, "cpu", lambda run, out: outside.append(out)):
         r, c = int(win.row_off), int(win.col_off)
+        block = block.cpu().numpy()
         assert np.isnan(sums[0, r : r + block.shape[1], c : c + block.shape[2]]).all(), "a block written twice"
         sums[:, r : r + block.shape[1], c : c + block.shape[2]] = block
     assert not np.isnan(sums).any(), "a pixel no block covered"
@@ -135,16 +140,17 @@ def assert_same_map(p: np.ndarray, ref: np.ndarray, ok: np.ndarray) -> None:
     assert ((p.argmax(0) == ref.argmax(0)) | tie | ~ok).all()
 
 
-@pytest.mark.parametrize("batch", [1, 5])
-def test_streamed_blocks_equal_the_whole_scene_reference(tmp_path, checkpoint, batch):
+@pytest.mark.parametrize("batch, mirrored", [(1, False), (5, False), (3, True)])
+def test_streamed_blocks_equal_the_whole_scene_reference(tmp_path, checkpoint, batch, mirrored):
     net, _, _ = load_trained(checkpoint)
-    scene = nodata_scene(tmp_path / "scene.tif")
+    scene = nodata_scene(tmp_path / "scene.tif", mirrored=mirrored)
     tiling = Tiling(WINDOW, STRIDE, batch)
     ref, ref_ok = reference(net, scene, tiling)
     p, ok, outside = streamed(net, scene, tiling)
     assert (ok == ref_ok).all()
     assert_same_map(p, ref, ok)
     assert outside > 0  # windows inside the nodata rectangle were skipped, not run
+    ok = ok[:, ::-1] if mirrored else ok
     assert not ok[:120, :150].any() and not ok[200, 250:260].any() and ok[150:, 160:].mean() > 0.99
 
 
@@ -304,8 +310,8 @@ def test_nan_and_single_band_rasters(tmp_path):
         dst.write(data)
     with RasterReader(path) as src:
         image, valid = src.read(Window(0, 0, 50, 40))
-    assert image.shape == (40, 50, 3) and (image[..., 0] == image[..., 2]).all()
-    assert not valid[5:10, 5:10].any() and valid.sum() == 40 * 50 - 25 and (image[5:10, 5:10] == 0).all()
+    assert image.shape == (40, 50, 3) and (image[valid, 0] == image[valid, 2]).all()
+    assert not valid[5:10, 5:10].any() and valid.sum() == 40 * 50 - 25 and np.allclose(image[5:10, 5:10], NODATA_FILL)
 
 
 def test_find_scenes_takes_files_folders_and_globs(tmp_path):
