@@ -26,10 +26,10 @@ import torch
 from rasterio.transform import from_origin
 from rasterio.windows import Window
 
-from .checkpoint import save_checkpoint
-from .data import LOVEDA
-from .model import Student
-from .recipe import load_recipe
+from ..checkpoint import save_checkpoint
+from ..data import LOVEDA
+from ..model import Student
+from ..recipe import load_recipe
 
 SETTINGS = {  # size name -> (encoder kwargs, window, stride, batch, memory scenes, throughput scene)
     "quick": ({"embed_dim": 48, "depth": 4, "num_heads": 3, "patch_size": 32}, 128, 112, 4, (256, 1024), 512),
@@ -75,7 +75,7 @@ def write_scene(path: Path, size: int, bands: int = 3, block: int = 512, nodata:
 def _peak_rss_of(cmd: list[str]) -> tuple[float, float]:
     """(peak RSS in MB, wall s) of a command run to completion, from its own rusage."""
     t0 = time.perf_counter()
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}  # this copy of rsmtdf
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}  # this copy of rsmtdf
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
     _, status, usage = os.wait4(proc.pid, 0)
     wall = time.perf_counter() - t0
@@ -88,8 +88,8 @@ def _peak_rss_of(cmd: list[str]) -> tuple[float, float]:
 
 def bench_predict(ctx) -> dict:
     """Peak memory at two scene sizes and throughput against the bare forward (see the module doc)."""
-    from .predict import BandScaling, Outputs, Tiling, predict_scene
-    from .raster import RasterReader, window_grid
+    from ..predict import BandScaling, Outputs, Tiling, predict_scene
+    from ..raster import RasterReader, window_grid
 
     kwargs, window, stride, batch, (small, large), through = SETTINGS["quick" if ctx.sizes.name == "quick" else "default"]
     work = ctx.workdir / "predict"
@@ -124,7 +124,7 @@ def bench_predict(ctx) -> dict:
         for k in range(0, len(x), batch):
             net(x[k : k + batch].to(ctx.device)).logits.cpu()
 
-    from .bench import interleaved_times
+    from .common import interleaved_times
 
     times = interleaved_times({"predict": run_predict, "bare_forward": run_bare}, repeats=ctx.sizes.repeats // 2 or 1,
                               warmup=0)
