@@ -32,6 +32,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
 
 from . import splits as splits_mod
+from .augment import blur_kernel_size, box_masks, draw_box, draw_strong, strong_batch
 from .cache import CacheReader, FeatureCache, mismatch
 from .checkpoint import load_checkpoint, save_checkpoint
 from .data import IGNORE, SegmentationDataset, check_bands, open_dataset, to_unit_rgb
@@ -57,42 +58,29 @@ def _rng(*keys: int | str) -> np.random.Generator:
 
 
 def strong_augment(x: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
-    """The reference's photometric strong view on a (3, H, W) [0, 1] crop: colour jitter
-    (0.5, 0.5, 0.5, 0.25) with p 0.8, grayscale p 0.2, Gaussian blur σ ∈ [0.1, 2] with p 0.5."""
-    if rng.random() < 0.8:
-        b, c, s = rng.uniform(0.5, 1.5, 3)
-        h = rng.uniform(-0.25, 0.25)
+    """The reference's photometric strong view of one (3, H, W) [0, 1] crop, with torchvision's
+    per-image functions: the definition `augment.strong_batch` (what training runs, batched on the
+    device) is tested against. Draws as `augment.draw_strong`."""
+    jitter, b, c, s, h, grey, blur, sigma = draw_strong(rng).tolist()
+    if jitter:
         x = TF.adjust_hue(TF.adjust_saturation(TF.adjust_contrast(TF.adjust_brightness(x, b), c), s), h)
-    if rng.random() < 0.2:
+    if grey:
         x = TF.rgb_to_grayscale(x, num_output_channels=3)
-    if rng.random() < 0.5:
-        sigma = float(rng.uniform(0.1, 2.0))
-        x = TF.gaussian_blur(x, kernel_size=2 * math.ceil(3 * sigma) + 1, sigma=sigma)
+    if blur:
+        x = TF.gaussian_blur(x, kernel_size=blur_kernel_size(sigma), sigma=sigma)
     return x.clamp(0, 1)
 
 
 def cutmix_box(size: int, snap: int, rng: np.random.Generator, p: float = 0.5) -> torch.Tensor:
-    """The reference's CutMix box (area 2–40 %, aspect 0.3–3.3, p 0.5), edges snapped to `snap` px
-    so the cached token maps can be mixed with the same box exactly."""
-    box = torch.zeros(size, size)
-    if rng.random() > p:
-        return box
-    area = rng.uniform(0.02, 0.4) * size * size
-    while True:
-        ratio = rng.uniform(0.3, 1 / 0.3)
-        w = max(snap, round(math.sqrt(area / ratio) / snap) * snap)
-        h = max(snap, round(math.sqrt(area * ratio) / snap) * snap)
-        x0, y0 = int(rng.integers(0, size // snap)) * snap, int(rng.integers(0, size // snap)) * snap
-        if x0 + w <= size and y0 + h <= size:
-            box[y0 : y0 + h, x0 : x0 + w] = 1
-            return box
+    """One sample's CutMix mask (size, size) from `augment.draw_box`'s snapped box."""
+    return box_masks(draw_box(size, snap, rng, p)[None], size)[0]
 
 
 class ReplaySet(Dataset):
     """Samples of one split list, each step showing one of the sample's stored views.
 
     Item: clean crop (3, c, c), label or ignore mask (c, c: padding and no-data pixels are 255),
-    [strong crop, CutMix box,] cache index, view index and, in `cached` mode, the targets of that
+    [strong-view parameters, CutMix box (y0, x0, h, w): `augment`,] cache index, view index and, in `cached` mode, the targets of that
     (sample, view). Only views with valid pixels are drawn."""
 
     def __init__(self, dataset: SegmentationDataset, ids: list[str], cache_index: dict[str, int],
@@ -121,8 +109,8 @@ class ReplaySet(Dataset):
             ignore = np.zeros(sample.image.shape[:2], np.uint8) if sample.valid is None else \
                 np.where(sample.valid, 0, IGNORE).astype(np.uint8)
             item["mask"] = torch.from_numpy(apply_view(ignore, view, self.crop))
-            item["strong"] = strong_augment(item["image"], rng)
-            item["box"] = cutmix_box(self.crop, self.snap, rng)
+            item["strong"] = draw_strong(rng)  # parameters only: the pixels are done batched on the device
+            item["box"] = draw_box(self.crop, self.snap, rng)
         else:
             item["mask"] = torch.from_numpy(apply_view(sample.mask, view, self.crop))
         if self.reader is not None:
@@ -437,13 +425,17 @@ class Trainer:
     def _batches(self, epoch: int, start: int):
         for sampler in self.samplers.values():
             sampler.epoch, sampler.start = epoch, start * self.batch
+
+        def dev(t: torch.Tensor) -> torch.Tensor:  # from pinned memory on a GPU: the copy overlaps
+            return t.to(self.device, non_blocking=True)
+
         for bl, bu in zip(worker_errors_as_lines(self.loaders["l"]), worker_errors_as_lines(self.loaders["u"])):
-            dev = self.device
+            xw = dev(bu["image"])  # strong views and CutMix masks are made here, batched on the device
             yield StepInputs(
-                bl["image"].to(dev), bl["mask"].long().to(dev), bu["image"].to(dev), bu["strong"].to(dev),
-                bu["mask"].to(dev), bu["box"].to(dev),
-                {k: v.to(dev) for k, v in bl["targets"].items()} if "targets" in bl else None,
-                {k: v.to(dev) for k, v in bu["targets"].items()} if "targets" in bu else None,
+                dev(bl["image"]), dev(bl["mask"]).long(), xw, strong_batch(xw, dev(bu["strong"])),
+                dev(bu["mask"]), box_masks(dev(bu["box"]), xw.shape[-1]),
+                {k: dev(v) for k, v in bl["targets"].items()} if "targets" in bl else None,
+                {k: dev(v) for k, v in bu["targets"].items()} if "targets" in bu else None,
                 bl["index"], bu["index"])
 
     def fit(self) -> dict:
