@@ -49,14 +49,17 @@ STORAGES = ("float16", "int8")
 DIMS = ("sample", "view", "token", "channel")
 
 
-def default_compressor() -> BloscCodec:
-    """Blosc-zstd with bit shuffle: the best size/speed trade-off measured for fp16 features."""
-    return BloscCodec(cname="zstd", clevel=3, shuffle="bitshuffle")
+def default_compressor() -> BloscCodec | None:
+    """No compressor (the crc32c checksum only): on real and DINOv2/CLIP-shaped float16 features
+    Blosc-zstd saves at most 8 % of the bytes and costs about twice the read CPU, which a GPU's
+    loader cores cannot spare (BENCHMARKS.md, `bench codec`). Caches made with another codec keep
+    it in their arrays' metadata and read as before."""
+    return None
 
 
 def checksummed(compressor) -> tuple:
-    """The codecs after serialisation: compress, then append the chunk's crc32c."""
-    return (compressor, Crc32cCodec())
+    """The codecs after serialisation: compress (unless None), then append the chunk's crc32c."""
+    return (Crc32cCodec(),) if compressor is None else (compressor, Crc32cCodec())
 
 
 def repair_command(url: str) -> str:
@@ -371,8 +374,10 @@ class CacheReader:
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_group": None}
 
-    def read(self, i: int, a: int) -> dict[str, np.ndarray]:
-        """Targets of sample i, view a; damaged or missing chunks end in one line naming them."""
+    def read(self, i: int, a: int, as_stored: bool = False) -> dict[str, np.ndarray]:
+        """Targets of sample i, view a, as float32 (`as_stored`: float16 caches' targets stay float16,
+        half the bytes to collate and copy; training widens them on the device); damaged or missing
+        chunks end in one line naming them."""
         if self._group is None:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
@@ -389,7 +394,8 @@ class CacheReader:
             except Exception as exc:  # noqa: BLE001 - any codec's failure on stored bytes is damage
                 raise RsmtdfError(f"{self.url}: damaged chunk of {where} ({decode_problem(exc)}); "
                                   f"{repair_hint(self.url)}") from None
-            x = x.astype(np.float32)
+            if not (as_stored and x.dtype == np.float16):
+                x = x.astype(np.float32)
             if np.isnan(x).any():
                 raise RsmtdfError(f"{self.url}: no data for {where} (its shard is unwritten or was deleted); "
                                   f"{repair_hint(self.url)}")

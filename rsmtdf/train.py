@@ -114,7 +114,7 @@ class ReplaySet(Dataset):
         else:
             item["mask"] = torch.from_numpy(apply_view(sample.mask, view, self.crop))
         if self.reader is not None:
-            item["targets"] = {k: torch.from_numpy(v) for k, v in self.reader.read(i, a).items()}
+            item["targets"] = {k: torch.from_numpy(v) for k, v in self.reader.read(i, a, as_stored=True).items()}
         return item
 
 
@@ -434,8 +434,8 @@ class Trainer:
             yield StepInputs(
                 dev(bl["image"]), dev(bl["mask"]).long(), xw, strong_batch(xw, dev(bu["strong"])),
                 dev(bu["mask"]), box_masks(dev(bu["box"]), xw.shape[-1]),
-                {k: dev(v) for k, v in bl["targets"].items()} if "targets" in bl else None,
-                {k: dev(v) for k, v in bu["targets"].items()} if "targets" in bu else None,
+                {k: dev(v).float() for k, v in bl["targets"].items()} if "targets" in bl else None,
+                {k: dev(v).float() for k, v in bu["targets"].items()} if "targets" in bu else None,
                 bl["index"], bu["index"])
 
     def fit(self) -> dict:

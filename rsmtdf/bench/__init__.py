@@ -14,6 +14,10 @@ One module per part, each runnable alone:
 - `size`    bytes per (sample, view) on disk for float32, float16, float16 + the default compressor
             and int8 + per-token scale, each with its cosine similarity to float32, from real
             EfficientNet-Lite0 features (real weights) on the real LoveDA sample when present.
+- `codec`   size and read MB/s of each candidate codec on real and DINOv2/CLIP-shaped features.
+- `feed`    CPU ms per step of each part of the data path at the paper's size (before/after this
+            work's changes), loader steps/s for 1, 2, 4 workers, and the loader cores one GPU needs
+            against the model step predicted from its FLOPs (`feed.py`).
 - `predict` streamed mapping: peak memory at two scene sizes, throughput against the bare forward
             (`predict.py`).
 
@@ -31,8 +35,10 @@ from typing import Callable
 
 import torch
 
+from .codec import bench_codec
 from .common import SIZES, Context, interleaved_times, machine, median_time, step_flops
 from .extract import bench_extract
+from .feed import bench_feed
 from .predict import bench_predict
 from .read import bench_read
 from .size import bench_size
@@ -41,7 +47,8 @@ from .step import bench_step
 # part name -> its function, in the order `bench all` runs them; a part returns one result record
 # whose "ratios" each carry value, goal, optionally predicted, and an "absolute" line for the table
 PARTS: dict[str, Callable[[Context], dict]] = {
-    "step": bench_step, "extract": bench_extract, "read": bench_read, "size": bench_size, "predict": bench_predict}
+    "step": bench_step, "extract": bench_extract, "read": bench_read, "size": bench_size, "codec": bench_codec,
+    "feed": bench_feed, "predict": bench_predict}
 __all__ = ["PARTS", "SIZES", "format_table", "interleaved_times", "median_time", "run", "step_flops", "verdict"]
 
 
@@ -100,4 +107,7 @@ def format_table(results: dict) -> str:
             pred = f"{r['predicted']:.3f}" if "predicted" in r else "-"
             lines.append(f"| {part:<8}| {name:<28}| {r['value']:>9.3f} | {pred:>9} | {r['goal']:<28}| "
                          f"{verdict(name, r):<7}| {r['absolute']} |")
+    for part, res in results["parts"].items():  # a part's own table, where it has one
+        if "markdown" in res:
+            lines += ["", f"{part}:", res["markdown"]]
     return "\n".join(lines)

@@ -22,7 +22,7 @@ class MemoryReader:
         group = zarr.open_group(reader.url, mode="r")
         self.targets = {n: group[f"teachers/{n}"][:].astype(np.float32) for n in reader.teachers}
 
-    def read(self, i: int, a: int) -> dict[str, np.ndarray]:
+    def read(self, i: int, a: int, as_stored: bool = False) -> dict[str, np.ndarray]:
         return {n: t[i, a] for n, t in self.targets.items()}
 
 
