@@ -370,9 +370,15 @@ class CacheReader:
     def __init__(self, url: str, teachers: list[str], storage: str, ids: list[str]) -> None:
         self.url, self.teachers, self.storage, self.ids = url, teachers, storage, ids
         self._group = None
+        self._arrays: dict[str, zarr.Array] = {}  # opened once per process: a group lookup costs a read's CPU
 
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "_group": None}
+        return {**self.__dict__, "_group": None, "_arrays": {}}
+
+    def _array(self, path: str) -> zarr.Array:
+        if path not in self._arrays:
+            self._arrays[path] = self._group[path]
+        return self._arrays[path]
 
     def read(self, i: int, a: int, as_stored: bool = False) -> dict[str, np.ndarray]:
         """Targets of sample i, view a, as float32 (`as_stored`: float16 caches' targets stay float16,
@@ -386,9 +392,9 @@ class CacheReader:
         for name in self.teachers:
             where = f"teacher '{name}', sample {i} ('{self.ids[i]}') view {a}"
             try:
-                x = self._group[f"teachers/{name}"][i, a]
+                x = self._array(f"teachers/{name}")[i, a]
                 if self.storage == "int8":
-                    x = x.astype(np.float32) * self._group[f"scales/{name}"][i, a].astype(np.float32)[:, None]
+                    x = x.astype(np.float32) * self._array(f"scales/{name}")[i, a].astype(np.float32)[:, None]
             except OSError as exc:  # the store itself failed (network, permissions): not damage
                 raise RsmtdfError(f"{self.url}: cannot read {where} ({exc.strerror or exc})") from None
             except Exception as exc:  # noqa: BLE001 - any codec's failure on stored bytes is damage

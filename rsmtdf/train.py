@@ -45,6 +45,7 @@ from .runlog import PICTURES, RunLog
 from .runs import check_schedule, claim_run_dir, truncate_metrics
 from .slurm import adopt_slurm_env
 from .teachers import Teacher, build_teachers
+from .tilecache import DecodedTiles
 from .views import View, apply_view
 
 MODES = ("cached", "online", "online-strong")
@@ -85,10 +86,12 @@ class ReplaySet(Dataset):
 
     def __init__(self, dataset: SegmentationDataset, ids: list[str], cache_index: dict[str, int],
                  views: np.ndarray, valid: np.ndarray, crop: int, reader: CacheReader | None, seed: int,
-                 unlabeled: bool, snap: int, bands: tuple[int, int, int], max_value: float | None) -> None:
+                 unlabeled: bool, snap: int, bands: tuple[int, int, int], max_value: float | None,
+                 tiles_mb: int = 0) -> None:
         self.dataset, self.ids, self.cache_index, self.views, self.valid = dataset, ids, cache_index, views, valid
         self.crop, self.reader, self.seed, self.unlabeled, self.snap = crop, reader, seed, unlabeled, snap
         self.bands, self.max_value = bands, max_value
+        self.tiles = DecodedTiles(tiles_mb * 2**20)  # each worker fills its own copy
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -101,7 +104,8 @@ class ReplaySet(Dataset):
         shown = np.flatnonzero(self.valid[i] > 0)  # every view, unless some show only no-data pixels
         a = int(shown[rng.integers(0, len(shown))])
         view = View.from_array(self.views[i, a])
-        sample = self.dataset.load(self.dataset.index(sid), with_mask=not self.unlabeled)
+        sample = self.tiles.get((sid, not self.unlabeled),
+                                lambda: self.dataset.load(self.dataset.index(sid), with_mask=not self.unlabeled))
         rgb = to_unit_rgb(sample.image, self.bands, self.max_value, sample.valid)
         image = torch.from_numpy(apply_view(rgb, view, self.crop))
         item = {"image": image.permute(2, 0, 1).contiguous(), "index": i, "view": a}
@@ -271,7 +275,8 @@ class Trainer:
         views = self.cache.views_array()
         reader = self.cache.reader() if mode == "cached" else None
         common = dict(dataset=self.dataset, cache_index=index, views=views, valid=valid, crop=crop, reader=reader, seed=tr.seed,
-                      snap=snap, bands=recipe.data.bands, max_value=recipe.data.max_value)
+                      snap=snap, bands=recipe.data.bands, max_value=recipe.data.max_value,
+                      tiles_mb=tr.decoded_cache_mb)
         # as the reference: the labeled list is repeated to the length of the unlabeled one
         reps = math.ceil(max(len(unlabeled), 1) / len(labeled))
         self.sets = {"l": ReplaySet(ids=(labeled * reps)[: max(len(unlabeled), len(labeled))], unlabeled=False, **common),

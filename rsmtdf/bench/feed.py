@@ -5,7 +5,8 @@ real shapes (DINOv2-B@518 1369×768, CLIP-L@224 256×1024; random values: speed 
 them), it measures, in CPU milliseconds per training step (one thread, `time.process_time`, so load
 from other processes inflates it less than wall time), each part of the data path:
 
-- decode          `dataset.load` of the step's 16 tiles;
+- decode          `dataset.load` of the step's 16 tiles; after, from the worker's `DecodedTiles`
+                  (a later epoch: every tile already decoded once);
 - views           `to_unit_rgb` + `apply_view` of image and mask;
 - strong (worker) what the loader worker spends on strong augmentation and CutMix: before, the
                   per-sample torchvision pixels (`train.strong_augment`, `cutmix_box`); after, the
@@ -123,6 +124,7 @@ def bench_feed(ctx: Context) -> dict:
     from ..augment import box_masks, draw_box, draw_strong, strong_batch
     from ..cache import CacheReader, default_compressor
     from ..data import to_unit_rgb
+    from ..tilecache import DecodedTiles
     from ..train import EpochSampler, ReplaySet, _rng, cutmix_box, strong_augment
     from ..views import View, ViewSpec, apply_view
 
@@ -154,6 +156,12 @@ def bench_feed(ctx: Context) -> dict:
     def decode():
         for k in index:
             ds.load(k)
+
+    tiles = DecodedTiles(2**40)  # a worker's store once it has seen the step's tiles (a later epoch)
+
+    def decode_kept():
+        for (i, _), k in zip(step, index):
+            tiles.get((ids[i], True), lambda k=k: ds.load(k))
 
     def render():
         for s, (i, v) in zip(samples, step):
@@ -208,7 +216,7 @@ def bench_feed(ctx: Context) -> dict:
     copy = _copy_ms(collated, reps, ctx.device)
 
     parts = {
-        "decode": {"before": _cpu_ms(decode, reps)},
+        "decode": {"before": _cpu_ms(decode, reps), "after": _cpu_ms(decode_kept, reps)},
         "views": {"before": _cpu_ms(render, reps)},
         "strong+cutmix (worker)": {"before": _cpu_ms(strong_before, reps), "after": _cpu_ms(strong_after, reps)},
         "cache reads": {"before": _cpu_ms(reads("before"), reps), "after": _cpu_ms(reads("after"), reps)},
