@@ -198,6 +198,12 @@ def test_inspect_table_and_estimate_within_5_percent(tiny):
     assert abs(predicted - real) / real < 0.05, (predicted, real)
     raw = _parse_bytes(re.search(r"raw\s+([\d.]+ \w+)", est).group(1))
     assert abs(raw - 6 * 2 * 16 * 112 * 2) / raw < 0.01
+    from rsmtdf.tilecache import sample_bytes
+
+    ds = open_dataset("loveda", load_recipe(recipe).data.root)
+    decoded = _parse_bytes(re.search(r"decoded\s+([\d.]+ \w+)", est).group(1))  # every tile decoded in memory
+    want = sum(sample_bytes(ds.load(ds.index(i))) for i in ds.ids_in("train"))
+    assert abs(decoded - want) / want < 0.05, (decoded, want)
 
 
 def test_inspect_reports_missing_shards(tiny):
