@@ -81,8 +81,9 @@ class ReplaySet(Dataset):
     """Samples of one split list, each step showing one of the sample's stored views.
 
     Item: clean crop (3, c, c), label or ignore mask (c, c: padding and no-data pixels are 255),
-    [strong-view parameters, CutMix box (y0, x0, h, w): `augment`,] cache index, view index and, in `cached` mode, the targets of that
-    (sample, view). Only views with valid pixels are drawn."""
+    [strong-view parameters, CutMix box (y0, x0, h, w): see `augment`,] cache index, view index
+    and, in `cached` mode, the float16 targets of that (sample, view). Only views with valid pixels
+    are drawn."""
 
     def __init__(self, dataset: SegmentationDataset, ids: list[str], cache_index: dict[str, int],
                  views: np.ndarray, valid: np.ndarray, crop: int, reader: CacheReader | None, seed: int,

@@ -48,11 +48,11 @@ PCIE_BYTES_PER_S = 50e9  # PCIe 5.0 x16 host→device from pinned memory, as mea
 BEFORE_CODEC = BloscCodec(cname="zstd", clevel=3, shuffle="bitshuffle")  # the default until this benchmark
 
 FEED_SIZES = {  # `quick` for CI; every other size runs the paper's, which is the point of this part
-    "quick": {"crop": 56, "batch": 2, "scenes": 1, "scene": 512, "repeats": 1, "loader_steps": 2,
+    "quick": {"crop": 56, "batch": 2, "scenes": 1, "scene": 512, "repeats": 1, "loader_steps": 2, "workers": (1,),
               "targets": {"dinov2_vitb14": (16, 32, 56), "clip_vitl14": (4, 64, 28)},  # tokens, dim, input
               "student": {"encoder": "vit_small_patch14_dinov2", "kwargs": {"embed_dim": 48, "depth": 4, "num_heads": 3},
                           "translator_hidden": 64}},
-    "paper": {"crop": 518, "batch": 8, "scenes": 2, "scene": 1024, "repeats": 3, "loader_steps": 3,
+    "paper": {"crop": 518, "batch": 8, "scenes": 2, "scene": 1024, "repeats": 3, "loader_steps": 3, "workers": (1, 2, 4),
               "targets": {"dinov2_vitb14": (1369, 768, 518), "clip_vitl14": (256, 1024, 224)},
               "student": {"encoder": "vit_small_patch14_dinov2", "kwargs": {}, "translator_hidden": 1024}},
 }
@@ -232,7 +232,7 @@ def bench_feed(ctx: Context) -> dict:
 
     flops = _model_flops(f, crop, batch)
     gpu = _gpu_step_s(flops)
-    throughput = _loader_rates(ds, ids, views, crop, readers["after"], batch, snap, f["loader_steps"],
+    throughput = _loader_rates(ds, ids, views, crop, readers["after"], batch, snap, f["loader_steps"], f["workers"],
                                EpochSampler, ReplaySet)
     cores = {w: loader[w] / gpu["predicted_s"] for w in loader}
     return {"sizes": {"crop": crop, "batch": f"{batch} + {batch}", "tiles": n, "scene": f["scene"],
@@ -282,14 +282,15 @@ def _copy_ms(collated: dict, repeats: int, device: str) -> dict:
     return out
 
 
-def _loader_rates(ds, ids, views, crop, reader, batch, snap, steps, EpochSampler, ReplaySet) -> dict[int, float]:
+def _loader_rates(ds, ids, views, crop, reader, batch, snap, steps, worker_counts, EpochSampler,
+                  ReplaySet) -> dict[int, float]:
     """Steps/s of the real labeled + unlabeled loaders (ReplaySet, EpochSampler) per worker count."""
     n = len(ids)
     common = dict(dataset=ds, ids=ids, cache_index={s: i for i, s in enumerate(ids)}, views=views,
                   valid=np.ones(views.shape[:2], np.float32), crop=crop, reader=reader, seed=0, snap=snap,
                   bands=(0, 1, 2), max_value=None)
     rates = {}
-    for workers in (1, 2, 4):
+    for workers in worker_counts:
         sets = [ReplaySet(unlabeled=u, **common) for u in (False, True)]
         loaders = [DataLoader(s, batch_size=batch, sampler=EpochSampler(n, 0, 0, 1), drop_last=True,
                               num_workers=workers, persistent_workers=True, prefetch_factor=2) for s in sets]
