@@ -49,14 +49,17 @@ STORAGES = ("float16", "int8")
 DIMS = ("sample", "view", "token", "channel")
 
 
-def default_compressor() -> BloscCodec:
-    """Blosc-zstd with bit shuffle: the best size/speed trade-off measured for fp16 features."""
-    return BloscCodec(cname="zstd", clevel=3, shuffle="bitshuffle")
+def default_compressor() -> BloscCodec | None:
+    """No compressor (the crc32c checksum only): on real and DINOv2/CLIP-shaped float16 features
+    Blosc-zstd saves at most 8 % of the bytes and costs about twice the read CPU, which a GPU's
+    loader cores cannot spare (BENCHMARKS.md, `bench codec`). Caches made with another codec keep
+    it in their arrays' metadata and read as before."""
+    return None
 
 
 def checksummed(compressor) -> tuple:
-    """The codecs after serialisation: compress, then append the chunk's crc32c."""
-    return (compressor, Crc32cCodec())
+    """The codecs after serialisation: compress (unless None), then append the chunk's crc32c."""
+    return (Crc32cCodec(),) if compressor is None else (compressor, Crc32cCodec())
 
 
 def repair_command(url: str) -> str:
@@ -372,12 +375,20 @@ class CacheReader:
     def __init__(self, url: str, teachers: list[str], storage: str, ids: list[str]) -> None:
         self.url, self.teachers, self.storage, self.ids = url, teachers, storage, ids
         self._group = None
+        self._arrays: dict[str, zarr.Array] = {}  # opened once per process: a group lookup costs a read's CPU
 
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "_group": None}
+        return {**self.__dict__, "_group": None, "_arrays": {}}
 
-    def read(self, i: int, a: int) -> dict[str, np.ndarray]:
-        """Targets of sample i, view a; damaged or missing chunks end in one line naming them."""
+    def _array(self, path: str) -> zarr.Array:
+        if path not in self._arrays:
+            self._arrays[path] = self._group[path]
+        return self._arrays[path]
+
+    def read(self, i: int, a: int, as_stored: bool = False) -> dict[str, np.ndarray]:
+        """Targets of sample i, view a, as float32 (`as_stored`: float16 caches' targets stay float16,
+        half the bytes to collate and copy; training widens them on the device); damaged or missing
+        chunks end in one line naming them."""
         if self._group is None:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
@@ -386,15 +397,16 @@ class CacheReader:
         for name in self.teachers:
             where = f"teacher '{name}', sample {i} ('{self.ids[i]}') view {a}"
             try:
-                x = self._group[f"teachers/{name}"][i, a]
+                x = self._array(f"teachers/{name}")[i, a]
                 if self.storage == "int8":
-                    x = x.astype(np.float32) * self._group[f"scales/{name}"][i, a].astype(np.float32)[:, None]
+                    x = x.astype(np.float32) * self._array(f"scales/{name}")[i, a].astype(np.float32)[:, None]
             except OSError as exc:  # the store itself failed (network, permissions): not damage
                 raise RsmtdfError(f"{self.url}: cannot read {where} ({exc.strerror or exc})") from None
             except Exception as exc:  # noqa: BLE001 - any codec's failure on stored bytes is damage
                 raise RsmtdfError(f"{self.url}: damaged chunk of {where} ({decode_problem(exc)}); "
                                   f"{repair_hint(self.url)}") from None
-            x = x.astype(np.float32)
+            if not (as_stored and x.dtype == np.float16):
+                x = x.astype(np.float32)
             if np.isnan(x).any():
                 raise RsmtdfError(f"{self.url}: no data for {where} (its shard is unwritten or was deleted); "
                                   f"{repair_hint(self.url)}")

@@ -128,6 +128,8 @@ class TrainConfig:
     ema_momentum: float = key(0.996, PROBABILITY)
     distill_loss: Literal["mse", "cosine"] = key("mse")
     workers: int = key(2, at_least(0), doc="loader processes per rank")
+    decoded_cache_mb: int = key(1024, at_least(0), doc="decoded tiles each loader worker keeps, so tiles are not "
+                                                         "decoded again each epoch (MB; 0 = off)")
     eval_every: int = key(1, at_least(1), doc="epochs between evaluations")
     eval_mode: Literal["whole", "sliding"] = key("whole")
     seed: int = key(0)

@@ -59,6 +59,7 @@ def estimate_size(plan, probe: int = 4) -> str:
     """Predict a cache's size: exact raw bytes, and bytes on disk from a real extraction of `probe`
     samples (compression depends on the features, so it is measured, not guessed)."""
     from .extract import extract
+    from .tilecache import sample_bytes
 
     dataset = plan.dataset()
     spec, teachers = plan.spec(), plan.teachers()
@@ -74,6 +75,7 @@ def estimate_size(plan, probe: int = 4) -> str:
                 shard_samples=k, num_workers=0, storage=storage, progress=False)
         probe_cache = FeatureCache.open(str(Path(tmp) / "probe"))
         per_sample_disk = sum(probe_cache.bytes_stored(t.name) for t in teachers) / k
+    tile = sum(sample_bytes(subset.load(j)) for j in range(k)) / k
     lines = [f"estimate  {plan.recipe.data.dataset}: {n} training samples × {spec.count} views, "
              f"crop {spec.crop_size}, {storage}"]
     for t in teachers:
@@ -81,5 +83,7 @@ def estimate_size(plan, probe: int = 4) -> str:
     lines.append(f"raw       {_bytes(per_sample_raw * n)}  ({_bytes(per_sample_raw)} per sample)")
     lines.append(f"on disk   {_bytes(per_sample_disk * n)}  (compression measured on {k} samples: "
                  f"{per_sample_raw / per_sample_disk:.2f}x)")
+    lines.append(f"decoded   {_bytes(tile * n)}  (every training tile decoded in memory, per loader worker; "
+                 f"[train] decoded_cache_mb = {plan.recipe.train.decoded_cache_mb} MB each)")
     return "\n".join(lines)
 

@@ -32,6 +32,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
 
 from . import splits as splits_mod
+from .augment import blur_kernel_size, box_masks, draw_box, draw_strong, strong_batch
 from .cache import CacheReader, FeatureCache, mismatch
 from .checkpoint import load_checkpoint, save_checkpoint
 from .data import DATASETS, IGNORE, SegmentationDataset, check_bands, open_described, open_recipe_dataset
@@ -45,6 +46,7 @@ from .runs import check_schedule, claim_run_dir, truncate_metrics
 from .scaling import BandScaling, dataset_scaling, extra_band_norm
 from .slurm import adopt_slurm_env
 from .teachers import Teacher, build_teachers
+from .tilecache import DecodedTiles
 from .views import View, apply_view
 
 MODES = ("cached", "online", "online-strong")
@@ -58,58 +60,47 @@ def _rng(*keys: int | str) -> np.random.Generator:
 
 
 def strong_augment(x: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
-    """The reference's photometric strong view on a (C, H, W) [0, 1] crop: colour jitter
-    (0.5, 0.5, 0.5, 0.25) with p 0.8, grayscale p 0.2, Gaussian blur σ ∈ [0.1, 2] with p 0.5.
+    """The reference's photometric strong view of one (C, H, W) [0, 1] crop, with torchvision's
+    per-image functions: the definition `augment.strong_batch` (what training runs, batched on the
+    device) is tested against. Draws as `augment.draw_strong`.
 
     Colour ops (contrast, saturation, hue, grayscale) are defined on RGB, so they act on the first
     three channels (the teachers' bands) only; bands past them get the same brightness factor and
-    the same blur, the ops that mean the same on any band. Three channels draw and give exactly
-    the reference's view."""
+    the same blur, the ops that mean the same on any band. Three channels give exactly the
+    reference's view."""
+    jitter, b, c, s, h, grey, blur, sigma = draw_strong(rng).tolist()
     rgb, extra = x[:3], x[3:]
-    if rng.random() < 0.8:
-        b, c, s = rng.uniform(0.5, 1.5, 3)
-        h = rng.uniform(-0.25, 0.25)
+    if jitter:
         rgb = TF.adjust_hue(TF.adjust_saturation(TF.adjust_contrast(TF.adjust_brightness(rgb, b), c), s), h)
         extra = (extra * float(b)).clamp(0, 1)
-    if rng.random() < 0.2:
+    if grey:
         rgb = TF.rgb_to_grayscale(rgb, num_output_channels=3)
     x = torch.cat([rgb, extra]) if len(extra) else rgb
-    if rng.random() < 0.5:
-        sigma = float(rng.uniform(0.1, 2.0))
-        x = TF.gaussian_blur(x, kernel_size=2 * math.ceil(3 * sigma) + 1, sigma=sigma)
+    if blur:
+        x = TF.gaussian_blur(x, kernel_size=blur_kernel_size(sigma), sigma=sigma)
     return x.clamp(0, 1)
 
 
 def cutmix_box(size: int, snap: int, rng: np.random.Generator, p: float = 0.5) -> torch.Tensor:
-    """The reference's CutMix box (area 2–40 %, aspect 0.3–3.3, p 0.5), edges snapped to `snap` px
-    so the cached token maps can be mixed with the same box exactly."""
-    box = torch.zeros(size, size)
-    if rng.random() > p:
-        return box
-    area = rng.uniform(0.02, 0.4) * size * size
-    while True:
-        ratio = rng.uniform(0.3, 1 / 0.3)
-        w = max(snap, round(math.sqrt(area / ratio) / snap) * snap)
-        h = max(snap, round(math.sqrt(area * ratio) / snap) * snap)
-        x0, y0 = int(rng.integers(0, size // snap)) * snap, int(rng.integers(0, size // snap)) * snap
-        if x0 + w <= size and y0 + h <= size:
-            box[y0 : y0 + h, x0 : x0 + w] = 1
-            return box
+    """One sample's CutMix mask (size, size) from `augment.draw_box`'s snapped box."""
+    return box_masks(draw_box(size, snap, rng, p)[None], size)[0]
 
 
 class ReplaySet(Dataset):
     """Samples of one split list, each step showing one of the sample's stored views.
 
-    Item: clean crop (C, c, c) of the student's bands (the teachers' three first), label or ignore mask (c, c: padding and no-data pixels are 255),
-    [strong crop, CutMix box,] cache index, view index and, in `cached` mode, the targets of that
-    (sample, view). Only views with valid pixels are drawn."""
+    Item: clean crop (C, c, c) of the student's bands (the teachers' three first), label or ignore
+    mask (c, c: padding and no-data pixels are 255), [strong-view parameters, CutMix box (y0, x0,
+    h, w): see `augment`,] cache index, view index and, in `cached` mode, the float16 targets of
+    that (sample, view). Only views with valid pixels are drawn."""
 
     def __init__(self, dataset: SegmentationDataset, ids: list[str], cache_index: dict[str, int],
                  views: np.ndarray, valid: np.ndarray, crop: int, reader: CacheReader | None, seed: int,
-                 unlabeled: bool, snap: int, scaling: BandScaling) -> None:
+                 unlabeled: bool, snap: int, scaling: BandScaling, tiles_mb: int = 0) -> None:
         self.dataset, self.ids, self.cache_index, self.views, self.valid = dataset, ids, cache_index, views, valid
         self.crop, self.reader, self.seed, self.unlabeled, self.snap = crop, reader, seed, unlabeled, snap
         self.scaling = scaling
+        self.tiles = DecodedTiles(tiles_mb * 2**20)  # each worker fills its own copy
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -122,7 +113,8 @@ class ReplaySet(Dataset):
         shown = np.flatnonzero(self.valid[i] > 0)  # every view, unless some show only no-data pixels
         a = int(shown[rng.integers(0, len(shown))])
         view = View.from_array(self.views[i, a])
-        sample = self.dataset.load(self.dataset.index(sid), with_mask=not self.unlabeled)
+        sample = self.tiles.get((sid, not self.unlabeled),
+                                lambda: self.dataset.load(self.dataset.index(sid), with_mask=not self.unlabeled))
         rgb = self.scaling.unit(sample.image, sample.valid)
         image = torch.from_numpy(apply_view(rgb, view, self.crop))
         item = {"image": image.permute(2, 0, 1).contiguous(), "index": i, "view": a}
@@ -130,12 +122,12 @@ class ReplaySet(Dataset):
             ignore = np.zeros(sample.image.shape[:2], np.uint8) if sample.valid is None else \
                 np.where(sample.valid, 0, IGNORE).astype(np.uint8)
             item["mask"] = torch.from_numpy(apply_view(ignore, view, self.crop))
-            item["strong"] = strong_augment(item["image"], rng)
-            item["box"] = cutmix_box(self.crop, self.snap, rng)
+            item["strong"] = draw_strong(rng)  # parameters only: the pixels are done batched on the device
+            item["box"] = draw_box(self.crop, self.snap, rng)
         else:
             item["mask"] = torch.from_numpy(apply_view(sample.mask, view, self.crop))
         if self.reader is not None:
-            item["targets"] = {k: torch.from_numpy(v) for k, v in self.reader.read(i, a).items()}
+            item["targets"] = {k: torch.from_numpy(v) for k, v in self.reader.read(i, a, as_stored=True).items()}
         return item
 
 
@@ -302,7 +294,7 @@ class Trainer:
         views = self.cache.views_array()
         reader = self.cache.reader() if mode == "cached" else None
         common = dict(dataset=self.dataset, cache_index=index, views=views, valid=valid, crop=crop, reader=reader, seed=tr.seed,
-                      snap=snap, scaling=self.scaling)
+                      snap=snap, scaling=self.scaling, tiles_mb=tr.decoded_cache_mb)
         # as the reference: the labeled list is repeated to the length of the unlabeled one
         reps = math.ceil(max(len(unlabeled), 1) / len(labeled))
         self.sets = {"l": ReplaySet(ids=(labeled * reps)[: max(len(unlabeled), len(labeled))], unlabeled=False, **common),
@@ -460,13 +452,17 @@ class Trainer:
     def _batches(self, epoch: int, start: int):
         for sampler in self.samplers.values():
             sampler.epoch, sampler.start = epoch, start * self.batch
+
+        def dev(t: torch.Tensor) -> torch.Tensor:  # from pinned memory on a GPU: the copy overlaps
+            return t.to(self.device, non_blocking=True)
+
         for bl, bu in zip(worker_errors_as_lines(self.loaders["l"]), worker_errors_as_lines(self.loaders["u"])):
-            dev = self.device
+            xw = dev(bu["image"])  # strong views and CutMix masks are made here, batched on the device
             yield StepInputs(
-                bl["image"].to(dev), bl["mask"].long().to(dev), bu["image"].to(dev), bu["strong"].to(dev),
-                bu["mask"].to(dev), bu["box"].to(dev),
-                {k: v.to(dev) for k, v in bl["targets"].items()} if "targets" in bl else None,
-                {k: v.to(dev) for k, v in bu["targets"].items()} if "targets" in bu else None,
+                dev(bl["image"]), dev(bl["mask"]).long(), xw, strong_batch(xw, dev(bu["strong"])),
+                dev(bu["mask"]), box_masks(dev(bu["box"]), xw.shape[-1]),
+                {k: dev(v).float() for k, v in bl["targets"].items()} if "targets" in bl else None,
+                {k: dev(v).float() for k, v in bu["targets"].items()} if "targets" in bu else None,
                 bl["index"], bu["index"])
 
     def fit(self) -> dict:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from rsmtdf.augment import box_masks, draw_box, draw_strong, strong_batch
 from rsmtdf.train import EpochSampler, cutmix_box, mix_tokens, strong_augment
 
 
@@ -48,6 +49,25 @@ def test_strong_view_is_seeded_and_photometric_only():
     small = torch.rand(3, 8, 8)
     unchanged = sum(torch.equal(strong_augment(small, np.random.default_rng(s)), small) for s in range(400)) / 400
     assert 0.04 < unchanged < 0.13  # no jitter (0.2) × no grey (0.8) × no blur (0.5) = 0.08
+
+
+def test_batched_strong_views_equal_the_per_sample_definition():
+    """The device path (draws in the worker, pixels batched) gives what torchvision's per-image
+    functions give for the same seeds, to float tolerance, with every branch on and off."""
+    x = torch.rand(48, 3, 24, 24)
+    x[0, :, :8] = 0.5  # grey pixels: hue undefined
+    x[1, :, :, :4] = torch.tensor([0.9, 0.2, 0.2])[:, None, None]  # saturated red: hue wraps
+    params = torch.stack([draw_strong(np.random.default_rng(s)) for s in range(len(x))])
+    assert all(0 < params[:, k].sum() < len(x) for k in (0, 5, 6))  # jitter, grey, blur each on and off
+    ref = torch.stack([strong_augment(x[s], np.random.default_rng(s)) for s in range(len(x))])
+    torch.testing.assert_close(strong_batch(x, params), ref, rtol=0, atol=1e-5)
+
+
+def test_box_masks_render_the_drawn_boxes():
+    boxes = torch.stack([draw_box(56, 14, np.random.default_rng(s)) for s in range(20)])
+    masks = box_masks(boxes, 56)
+    for (y0, x0, h, w), m in zip(boxes.tolist(), masks):
+        assert m.sum() == h * w and (h == 0 or m[y0 : y0 + h, x0 : x0 + w].all())
 
 
 def test_epoch_sampler_resumes_mid_epoch_and_shards_by_rank():

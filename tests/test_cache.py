@@ -67,6 +67,37 @@ def test_read_back_equals_teacher_on_each_stored_view(tiny):
                 np.testing.assert_allclose(got, want, rtol=2**-10, atol=1e-5 * np.abs(want).max())
 
 
+def test_cache_written_with_the_former_blosc_default_reads_the_same(tiny, tmp_path):
+    """The default codec changed (Blosc-zstd → none, crc32c kept): a cache made before keeps its
+    codec in each array's metadata and reads exactly as a new one."""
+    import shutil
+
+    from zarr.codecs import BloscCodec
+
+    from rsmtdf.cache import checksummed
+
+    recipe, out = tiny
+    _extract(recipe, out)
+    old = tmp_path / "old"
+    shutil.copytree(out, old)
+    g = zarr.open_group(str(old), mode="r+", use_consolidated=False)
+    for name, arr in list(g["teachers"].arrays()):
+        data = arr[:]
+        g["teachers"].create_array(name, shape=arr.shape, chunks=arr.chunks, shards=arr.shards, dtype=arr.dtype,
+                                   fill_value=arr.fill_value, dimension_names=arr.metadata.dimension_names,
+                                   attributes=dict(arr.attrs), overwrite=True,
+                                   compressors=checksummed(BloscCodec(cname="zstd", clevel=3, shuffle="bitshuffle")))[:] = data
+    zarr.consolidate_metadata(str(old))
+    new_arr, old_arr = (zarr.open_group(str(p), mode="r")["teachers/effnet_lite0"] for p in (out, old))
+    assert [type(c).__name__ for c in new_arr.compressors] == ["Crc32cCodec"]
+    assert [type(c).__name__ for c in old_arr.compressors] == ["BloscCodec", "Crc32cCodec"]
+    a, b = FeatureCache.open(out).reader(), FeatureCache.open(old).reader()
+    for i in range(2):
+        for name, x in a.read(i, 1).items():
+            assert np.array_equal(x, b.read(i, 1)[name])
+        assert b.read(i, 1, as_stored=True)["effnet_lite0"].dtype == np.float16
+
+
 def test_int8_storage_is_close_and_smaller(tiny, tmp_path):
     recipe, out = tiny
     _extract(recipe, out)
@@ -167,6 +198,12 @@ def test_inspect_table_and_estimate_within_5_percent(tiny):
     assert abs(predicted - real) / real < 0.05, (predicted, real)
     raw = _parse_bytes(re.search(r"raw\s+([\d.]+ \w+)", est).group(1))
     assert abs(raw - 6 * 2 * 16 * 112 * 2) / raw < 0.01
+    from rsmtdf.tilecache import sample_bytes
+
+    ds = open_dataset("loveda", load_recipe(recipe).data.root)
+    decoded = _parse_bytes(re.search(r"decoded\s+([\d.]+ \w+)", est).group(1))  # every tile decoded in memory
+    want = sum(sample_bytes(ds.load(ds.index(i))) for i in ds.ids_in("train"))
+    assert abs(decoded - want) / want < 0.05, (decoded, want)
 
 
 def test_inspect_reports_missing_shards(tiny):

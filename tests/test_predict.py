@@ -21,7 +21,7 @@ from rasterio.transform import from_origin
 from rasterio.windows import Window
 from test_errors import PROGRESS
 
-from rsmtdf.bench_predict import random_checkpoint, write_scene
+from rsmtdf.bench.predict import random_checkpoint, write_scene
 from rsmtdf.data import LOVEDA, NODATA_FILL, to_unit_rgb
 from rsmtdf.errors import RsmtdfError
 from rsmtdf.predict import BandScaling, Tiling, blend_weight, blended_blocks, find_scenes, load_trained

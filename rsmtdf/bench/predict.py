@@ -33,10 +33,10 @@ import torch
 from rasterio.transform import from_origin
 from rasterio.windows import Window
 
-from .checkpoint import save_checkpoint
-from .data import LOVEDA
-from .model import Student
-from .recipe import load_recipe
+from ..checkpoint import save_checkpoint
+from ..data import LOVEDA
+from ..model import Student
+from ..recipe import load_recipe
 
 TINY_VIT = ("vit_small_patch14_dinov2", {"embed_dim": 48, "depth": 4, "num_heads": 3, "patch_size": 64})
 STUDENT = ("tf_efficientnet_lite0", {})
@@ -101,7 +101,7 @@ def write_scene(path: Path, size: int, bands: int = 3, block: int = 512, nodata:
 def _peak_rss_of(cmd: list[str]) -> tuple[float, float]:
     """(peak RSS in MB, wall s) of a command run to completion, from its own rusage."""
     t0 = time.perf_counter()
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}  # this copy of rsmtdf
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}  # this copy of rsmtdf
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
     _, status, usage = os.wait4(proc.pid, 0)
     wall = time.perf_counter() - t0
@@ -114,7 +114,7 @@ def _peak_rss_of(cmd: list[str]) -> tuple[float, float]:
 
 def _windows(scene: Path, size: int, window: int, stride: int) -> torch.Tensor:
     """Every window of the scene's grid as one (N, 3, S, S) float32 tensor, read as predict reads them."""
-    from .raster import BandScaling, RasterReader, window_grid
+    from ..raster import BandScaling, RasterReader, window_grid
 
     cells = [w for row in window_grid(size, size, window, stride) for w in row]
     x = torch.empty((len(cells), 3, window, window))
@@ -127,8 +127,8 @@ def _windows(scene: Path, size: int, window: int, stride: int) -> torch.Tensor:
 def _pair(net: Student, scene: Path, size: int, p: PredictSizes, device: str, work: Path, threads: int) -> dict:
     """Interleaved times of `predict_scene` and of the bare forward over the same windows, both at
     `threads` intra-op threads."""
-    from .bench import interleaved_times
-    from .predict import BandScaling, Outputs, Tiling, intra_op_threads, predict_scene
+    from .common import interleaved_times
+    from ..predict import BandScaling, Outputs, Tiling, intra_op_threads, predict_scene
 
     x = _windows(scene, size, p.window, p.stride)
     names = list(LOVEDA.names)
@@ -152,7 +152,7 @@ def _pair(net: Student, scene: Path, size: int, p: PredictSizes, device: str, wo
 def bench_predict(ctx) -> dict:
     """Peak memory at two scene sizes, throughput against the bare forward and the thread layouts
     (see the module doc)."""
-    from .predict import _return_freed_memory, mapping_threads
+    from ..predict import _return_freed_memory, mapping_threads
 
     p = SETTINGS["quick" if ctx.sizes.name == "quick" else "default"]
     work = ctx.workdir / "predict"

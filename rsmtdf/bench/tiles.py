@@ -114,7 +114,7 @@ print(before, peak, len(ds), listed, time.perf_counter() - t0)
 def _worker_peak(root: Path, tile: int) -> dict:
     """Memory of a loader worker's work over every tile: resident MB after listing, its peak while
     loading (sampled after each tile) and the process's own peak (rusage, imports included)."""
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}  # this copy of rsmtdf
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}  # this copy of rsmtdf
     proc = subprocess.Popen([sys.executable, "-c", WORKER, str(root), str(tile)], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, env=env)
     _, status, usage = os.wait4(proc.pid, 0)
@@ -129,11 +129,11 @@ def _worker_peak(root: Path, tile: int) -> dict:
 
 def bench_tiles(ctx) -> dict:
     """Loading and extraction rates, one scene vs separate tiles, and a worker's peak memory."""
-    from .bench import interleaved_times
-    from .data import open_dataset, to_unit_rgb
-    from .extract import extract
-    from .teachers import Teacher, teacher_config
-    from .views import ViewSpec, apply_view
+    from .common import interleaved_times
+    from ..data import open_dataset, to_unit_rgb
+    from ..extract import extract
+    from ..teachers import Teacher, teacher_config
+    from ..views import ViewSpec, apply_view
 
     large, small, tile, measured, repeats = SETTINGS["quick" if ctx.sizes.name == "quick" else "default"]
     work = ctx.workdir / "tiles"

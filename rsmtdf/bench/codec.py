@@ -1,0 +1,141 @@
+"""`bench codec`: which codec the cache's feature chunks should use, by size and by read speed.
+
+For each candidate (none, Blosc-lz4 and Blosc-zstd at several levels, each with no shuffle, byte
+shuffle and bit shuffle; every one followed by the cache's crc32c) the same float16 targets are
+written with the cache's chunk and shard layout and read back one chunk at a time in random order,
+as the loader workers read them. Reported: size against the raw float16 bytes, and read MB/s of
+raw float16 per process (CPU seconds, one thread, so a loaded machine slows it less than wall time).
+
+Feature sets: real EfficientNet-Lite0 and -Lite1 features (real ImageNet weights) of the real
+LoveDA sample when present (generated scenes otherwise), and random float16 tokens shaped like
+DINOv2-B at 518 and CLIP-L at 224 (random tokens are the incompressible extreme).
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import zarr
+from zarr.codecs import BloscCodec
+
+from .common import LOVEDA_SAMPLE, Context, _dataset
+
+
+def candidates(quick: bool = False) -> dict[str, BloscCodec | None]:
+    """none, then Blosc-lz4 and -zstd at each level with each shuffle (`quick`: one of each kind)."""
+    out: dict[str, BloscCodec | None] = {"none": None}
+    for cname, levels in (("lz4", (5,)), ("zstd", (1, 3, 5))):
+        for level in levels:
+            for shuffle in ("noshuffle", "shuffle", "bitshuffle"):
+                out[f"{cname}{level}-{shuffle}"] = BloscCodec(cname=cname, clevel=level, shuffle=shuffle)
+    return {k: out[k] for k in ("none", "lz45-noshuffle", "zstd3-bitshuffle")} if quick else out
+
+
+def _real_features(ctx: Context) -> tuple[dict[str, np.ndarray], str]:
+    """(N, A, L, C) float16 features of two real-weight EfficientNet-Lite teachers."""
+    from ..data import open_dataset
+    from ..extract import ViewSource, _run_teachers
+    from ..teachers import Teacher, teacher_config
+    from ..views import ViewSpec
+
+    s = ctx.sizes
+    if LOVEDA_SAMPLE.is_dir():
+        ds, source = open_dataset("loveda", LOVEDA_SAMPLE), f"real LoveDA sample ({LOVEDA_SAMPLE})"
+    else:
+        ds, _ = _dataset(ctx.workdir / "codec", 2, 1024)
+        source = "generated scenes (rsmtdf.synthetic)"
+    ids = ds.ids_in("train")
+    out = {}
+    for name in ("effnet_lite0", "effnet_lite1"):
+        teacher = Teacher(teacher_config(name), pretrained=True).to(ctx.device)
+        spec = ViewSpec(s.size_views, teacher.input_size, (0.5, 2.0), True, False, 0)
+        src = ViewSource(ds, [ds.index(i) for i in ids], spec)
+        crops = torch.cat([src[j][2] for j in range(len(ids))])
+        f = _run_teachers([teacher], crops, 8, ctx.device, len(ids), s.size_views)[teacher.name]
+        out[f"{name} (real weights)"] = f.astype(np.float16)
+    return out, source
+
+
+def _random_features(ctx: Context) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(0)
+    shapes = {"quick": {"dinov2_vitb14@518 (random)": (37, 48), "clip_vitl14@224 (random)": (16, 64)}}.get(
+        ctx.sizes.name, {"dinov2_vitb14@518 (random)": (1369, 768), "clip_vitl14@224 (random)": (256, 1024)})
+    return {k: rng.standard_normal((8, 2, *shape), dtype=np.float32).astype(np.float16) for k, shape in shapes.items()}
+
+
+def measure(x: np.ndarray, codec: BloscCodec | None, path: str, passes: int = 2) -> dict:
+    """Size ratio to raw float16 and read MB/s (CPU time, one thread) of `x` stored with `codec`."""
+    from ..cache import checksummed
+
+    n, a, L, C = x.shape
+    group = zarr.open_group(path, mode="w", zarr_format=3)
+    arr = group.create_array("t", shape=x.shape, chunks=(1, 1, L, C), shards=(n, a, L, C), dtype="float16",
+                             compressors=checksummed(codec))
+    arr[:] = x
+    stored = sum(f.stat().st_size for f in (Path(path) / "t" / "c").rglob("*") if f.is_file())
+    arr = zarr.open_group(path, mode="r")["t"]
+    pairs = [(i, v) for i in range(n) for v in range(a)]
+    best = float("inf")
+    for p in range(passes):  # the first pass also warms the page cache
+        random.Random(p).shuffle(pairs)
+        t0 = time.process_time()
+        for i, v in pairs:
+            arr[i, v]
+        best = min(best, time.process_time() - t0)
+    return {"ratio": stored / x.nbytes, "read_mb_s": x.nbytes / 1e6 / max(best, 1e-9),
+            "ms_per_chunk": 1e3 * best / len(pairs)}
+
+
+def bench_codec(ctx: Context) -> dict:
+    """The codec table on real and DINOv2/CLIP-shaped features; the ratio judged: the default's read
+    speed against the fastest candidate's."""
+    from ..cache import default_compressor
+
+    codecs = candidates(quick=ctx.sizes.name == "quick")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        real, source = _real_features(ctx)
+        sets = {**real, **_random_features(ctx)}
+        table: dict[str, dict[str, dict]] = {}
+        for fname, x in sets.items():
+            table[fname] = {c: measure(x, codec, str(ctx.workdir / "codec.zarr")) for c, codec in codecs.items()}
+    finally:
+        torch.set_num_threads(threads)
+    default = _name_of(default_compressor())
+    real_rows = [table[k] for k in real]
+    speed = {c: float(np.mean([r[c]["read_mb_s"] for r in real_rows])) for c in codecs}
+    fastest = max(speed, key=speed.get)
+    result = {"sizes": {"features": {k: list(v.shape) for k, v in sets.items()}, "data": source,
+                      "views": ctx.sizes.size_views},
+            "table": table, "default": default,
+            "ratios": {"default/fastest read (real)": {
+                "value": speed[default] / speed[fastest], "goal": "-",
+                "absolute": f"{default}: {speed[default]:.0f} MB/s vs {fastest}: {speed[fastest]:.0f} MB/s "
+                            f"(size {np.mean([r[default]['ratio'] for r in real_rows]):.3f} vs "
+                            f"{np.mean([r[fastest]['ratio'] for r in real_rows]):.3f} of raw float16)"}}}
+    result["markdown"] = format_codec_table(result)
+    return result
+
+
+def _name_of(codec: BloscCodec | None) -> str:
+    if codec is None:
+        return "none"
+    shuffle = getattr(codec.shuffle, "value", codec.shuffle)
+    cname = getattr(codec.cname, "value", codec.cname)
+    return f"{cname}{codec.clevel}-{shuffle}"
+
+
+def format_codec_table(result: dict) -> str:
+    """Markdown: one row per codec, size ratio and read MB/s for each feature set."""
+    sets = list(result["table"])
+    head = "| codec | " + " | ".join(f"{s}: size, MB/s" for s in sets) + " |"
+    lines = [head, "|---" * (len(sets) + 1) + "|"]
+    for c in result["table"][sets[0]]:
+        cells = [f"{result['table'][s][c]['ratio']:.3f}, {result['table'][s][c]['read_mb_s']:.0f}" for s in sets]
+        lines.append(f"| {c}{' (default)' if c == result['default'] else ''} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)

@@ -1,0 +1,44 @@
+"""`bench extract`: the real `extract()` vs the teachers' bare forward over the same crops."""
+
+from __future__ import annotations
+
+import torch
+
+from .common import Context, _dataset, median_time
+
+
+def bench_extract(ctx: Context) -> dict:
+    """The real extract() vs the teachers' bare forward over the same crops at the same batch size."""
+    import shutil
+
+    from ..extract import ViewSource, _run_teachers, extract
+    from ..views import ViewSpec
+
+    s = ctx.sizes
+    root = ctx.workdir / "extract"
+    ds, splits = _dataset(root, s.extract_scenes, s.scene_size)
+    spec = ViewSpec(s.extract_views, s.crop, (0.5, 2.0), True, False, 0)
+    teachers = ctx.teachers()
+    ids = ds.ids_in("train")
+    source = ViewSource(ds, [ds.index(i) for i in ids], spec)
+    crops = torch.cat([source[j][2] for j in range(len(ids))])
+    out = root / "cache"
+
+    def run_extract():
+        shutil.rmtree(out, ignore_errors=True)
+        # several shards, as in any real cache, so shard writes overlap the teachers' compute
+        extract(ds, str(splits), spec, teachers, str(out), shard_samples=max(1, len(ids) // 4),
+                batch_size=s.extract_batch, device=ctx.device, progress=False)
+
+    def run_bare():
+        _run_teachers(teachers, crops, s.extract_batch, ctx.device, len(ids), s.extract_views)
+
+    times = {"extract": median_time(run_extract, s.repeats, s.warmup), "bare_forward": median_time(run_bare, s.repeats, s.warmup)}
+    shutil.rmtree(out, ignore_errors=True)
+    ratio = times["extract"]["median_s"] / times["bare_forward"]["median_s"]
+    return {"sizes": {"images": len(ids), "views": s.extract_views, "crops": len(crops), "crop": s.crop,
+                      "batch": s.extract_batch, "teachers": s.teachers, "workers": 2},
+            "times": times, "ratios": {"extract/bare_forward": {
+                "value": ratio, "goal": "<= 1.10",
+                "absolute": f"{times['extract']['median_s']:.3f} s vs {times['bare_forward']['median_s']:.3f} s "
+                            f"for {len(crops)} crops"}}}

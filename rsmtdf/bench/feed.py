@@ -1,0 +1,333 @@
+"""`bench feed`: can the data path keep one GPU busy at the paper's size (crop 518, batch 8 + 8)?
+
+On generated 1024² LoveDA-layout scenes (512² tiles) and a cache holding float16 targets of the
+real shapes (DINOv2-B@518 1369×768, CLIP-L@224 256×1024; random values: speed does not depend on
+them), it measures, in CPU milliseconds per training step (one thread, `time.process_time`, so load
+from other processes inflates it less than wall time), each part of the data path:
+
+- decode          `dataset.load` of the step's 16 tiles; after, from the worker's `DecodedTiles`
+                  (a later epoch: every tile already decoded once);
+- views           `to_unit_rgb` + `apply_view` of image and mask;
+- strong (worker) what the loader worker spends on strong augmentation and CutMix: before, the
+                  per-sample torchvision pixels (`train.strong_augment`, `cutmix_box`); after, the
+                  draws alone (`augment.draw_strong`, `draw_box`);
+- strong (device) after: `augment.strong_batch` + `box_masks` on the batch, which runs on the
+                  training device (timed on this CPU when there is no GPU; not loader work);
+- cache reads     `CacheReader.read` of the step's 16 (sample, view) targets: before, Blosc-zstd
+                  and float32 conversion; after, the current default codec and float16;
+- collate         `default_collate` of both batches;
+- pin + copy      the copy into page-locked memory (measured as a memcpy of the batch's bytes on a
+                  machine without CUDA) and the host→device transfer (measured on a GPU, otherwise
+                  predicted at PCIe 5.0 x16 speed, overlapped with compute by `non_blocking`).
+
+It also measures the loader's steps/s through the real `ReplaySet` + `EpochSampler` DataLoaders
+with 1, 2 and 4 workers per loader, and the model's step time, predicted from its FLOP count (the student's forward and backward on 16 crops and the EMA
+forward on 8, counted on the meta device) at `MFU` of the H200's dense bf16 peak; `bench step
+--full` on a GPU measures the real step. Verdict: loader
+cores one GPU needs to never wait = loader CPU seconds per step / model step seconds (goal ≤ 4).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import zarr
+from torch.utils.data import DataLoader
+from torch.utils.data._utils.collate import default_collate
+from zarr.codecs import BloscCodec
+
+from .common import Context, _dataset
+
+H200_BF16_DENSE_FLOPS = 989e12  # H100/H200 SXM dense bf16 peak (NVIDIA's datasheet figure, no sparsity)
+MFU = 0.30  # a small ViT (384-wide matmuls) + DPT head under autocast reaches about a third of peak
+PCIE_BYTES_PER_S = 50e9  # PCIe 5.0 x16 host→device from pinned memory, as measured in practice (64 GB/s raw)
+BEFORE_CODEC = BloscCodec(cname="zstd", clevel=3, shuffle="bitshuffle")  # the default until this benchmark
+
+FEED_SIZES = {  # `quick` for CI; every other size runs the paper's, which is the point of this part
+    "quick": {"crop": 56, "batch": 2, "scenes": 1, "scene": 512, "repeats": 1, "loader_steps": 2, "workers": (1,),
+              "targets": {"dinov2_vitb14": (16, 32, 56), "clip_vitl14": (4, 64, 28)},  # tokens, dim, input
+              "student": {"encoder": "vit_small_patch14_dinov2", "kwargs": {"embed_dim": 48, "depth": 4, "num_heads": 3},
+                          "translator_hidden": 64}},
+    "paper": {"crop": 518, "batch": 8, "scenes": 2, "scene": 1024, "repeats": 3, "loader_steps": 3, "workers": (1, 2, 4),
+              "targets": {"dinov2_vitb14": (1369, 768, 518), "clip_vitl14": (256, 1024, 224)},
+              "student": {"encoder": "vit_small_patch14_dinov2", "kwargs": {}, "translator_hidden": 1024}},
+}
+
+
+def _cpu_ms(fn: Callable[[], object], repeats: int) -> float:
+    """Median CPU milliseconds of `fn()` on one intra-op thread, as a loader worker runs it."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        fn()  # warm-up: page cache, lazy opens, allocator
+        times = []
+        for _ in range(repeats):
+            t0 = time.process_time()
+            fn()
+            times.append(time.process_time() - t0)
+    finally:
+        torch.set_num_threads(threads)
+    return 1e3 * float(np.median(times))
+
+
+def _targets_store(path: Path, n: int, a: int, shapes: dict[str, tuple[int, int, int]], codec, shard: int) -> str:
+    """Random float16 targets with the cache's chunk (one sample, one view) and shard layout and codecs."""
+    from ..cache import checksummed
+
+    rng = np.random.default_rng(0)
+    group = zarr.open_group(str(path), mode="w", zarr_format=3)
+    for name, (tokens, dim, _) in shapes.items():
+        arr = group.create_array(f"teachers/{name}", shape=(n, a, tokens, dim), chunks=(1, 1, tokens, dim),
+                                 shards=(shard, a, tokens, dim), dtype="float16", compressors=checksummed(codec))
+        for s in range(0, n, shard):
+            k = min(shard, n - s)
+            arr[s : s + k] = rng.standard_normal((k, a, tokens, dim), dtype=np.float32).astype(np.float16)
+    return str(path)
+
+
+def _model_flops(f: dict, crop: int, batch: int) -> int:
+    """FLOPs of the cached step's model work at (crop, batch + batch): EMA forward on the unlabeled
+    batch, student forward and backward on both, counted on the meta device (no memory, no time)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from ..model import Student, TeacherSlot
+    from ..recipe import load_recipe
+
+    st = load_recipe(None).student
+    slots = [TeacherSlot(n, d, int(round(t ** 0.5)), size) for n, (t, d, size) in f["targets"].items()]
+    with torch.device("meta"):
+        student = Student(f["student"]["encoder"], 7, crop, slots, st.decoder, st.fusion_weights,
+                          f["student"]["translator_hidden"], pretrained=None, **f["student"]["kwargs"])
+        ema = Student.from_config(student.config).requires_grad_(False)
+        x = torch.zeros(2 * batch, 3, crop, crop)
+    with FlopCounterMode(display=False) as counter:
+        with torch.no_grad():
+            ema(x[:batch])
+        out = student(x)
+        (out.logits.float().mean() + sum(v.float().mean() for v in out.translated.values())).backward()
+    return int(counter.get_total_flops())
+
+
+def _gpu_step_s(flops: int) -> dict:
+    """The model step predicted from its FLOPs (`bench step --full` on a GPU measures the real one)."""
+    return {"predicted_s": flops / (H200_BF16_DENSE_FLOPS * MFU),
+            "basis": f"predicted: {flops / 1e12:.2f} TFLOP at {MFU:.0%} of the H200's "
+                     f"{H200_BF16_DENSE_FLOPS / 1e12:.0f} TFLOP/s dense bf16"}
+
+
+def bench_feed(ctx: Context) -> dict:
+    """CPU ms per step of each data-path part (before and after), loader steps/s, and the verdict."""
+    from ..augment import box_masks, draw_box, draw_strong, strong_batch
+    from ..cache import CacheReader, default_compressor
+    from ..data import to_unit_rgb
+    from ..tilecache import DecodedTiles
+    from ..train import EpochSampler, ReplaySet, _rng, cutmix_box, strong_augment
+    from ..views import View, ViewSpec, apply_view
+
+    f = FEED_SIZES["quick" if ctx.sizes.name == "quick" else "paper"]
+    crop, batch, reps = f["crop"], f["batch"], f["repeats"]
+    root = ctx.workdir / "feed"
+    ds, _ = _dataset(root, f["scenes"], f["scene"])
+    ids = ds.ids_in("train")
+    n, a = len(ids), 2
+    spec = ViewSpec(a, crop)
+    views = np.stack([np.stack([v.to_array() for v in spec.sample(sid, *ds.load(ds.index(sid)).image.shape[:2])])
+                      for sid in ids])
+    shard = max(1, n // 2)
+    stores = {"before": _targets_store(root / "before.zarr", n, a, f["targets"], BEFORE_CODEC, shard),
+              "after": _targets_store(root / "after.zarr", n, a, f["targets"], default_compressor(), shard)}
+    readers = {k: CacheReader(url, list(f["targets"]), "float16", ids) for k, url in stores.items()}
+    step = [(j % n, (j // n) % a) for j in range(2 * batch)]  # the step's (sample, view) pairs: 8 + 8
+    index = [ds.index(ids[i]) for i, _ in step]
+    samples = [ds.load(k) for k in index]
+    rgbs = [to_unit_rgb(s.image, (0, 1, 2), None, s.valid) for s in samples]
+    crops = [torch.from_numpy(apply_view(r, View.from_array(views[i, v]), crop)).permute(2, 0, 1).contiguous()
+             for r, (i, v) in zip(rgbs, step)]
+    unl = range(batch, 2 * batch)
+
+    def rng(j: int):  # the unlabeled set's generator of the step's j-th sample, as ReplaySet seeds it
+        return _rng(0, 0, ids[step[j][0]], "u")
+    snap = 14 if crop % 14 == 0 else 1
+
+    def decode():
+        for k in index:
+            ds.load(k)
+
+    tiles = DecodedTiles(2**40)  # a worker's store once it has seen the step's tiles (a later epoch)
+
+    def decode_kept():
+        for (i, _), k in zip(step, index):
+            tiles.get((ids[i], True), lambda k=k: ds.load(k))
+
+    def render():
+        for s, (i, v) in zip(samples, step):
+            view = View.from_array(views[i, v])
+            apply_view(to_unit_rgb(s.image, (0, 1, 2), None, s.valid), view, crop)
+            apply_view(s.mask, view, crop)
+
+    def strong_before():
+        for j in unl:
+            g = rng(j)
+            strong_augment(crops[j], g)
+            cutmix_box(crop, snap, g)
+
+    drawn = {}
+
+    def strong_after():
+        params, boxes = [], []
+        for j in unl:
+            g = rng(j)
+            params.append(draw_strong(g))
+            boxes.append(draw_box(crop, snap, g))
+        drawn["params"], drawn["boxes"] = torch.stack(params), torch.stack(boxes)
+
+    strong_after()
+    xw = torch.stack([crops[j] for j in unl])
+
+    def strong_device():
+        strong_batch(xw, drawn["params"])
+        box_masks(drawn["boxes"], crop)
+
+    def reads(which: str) -> Callable[[], list]:
+        """The step's target reads; before, the reader converted them to float32 for the loader."""
+        def run() -> list:
+            return [readers[which].read(i, v, as_stored=which == "after") for i, v in step]
+        return run
+
+    def items(which: str) -> list[dict]:
+        targets = reads(which)()
+        out = []
+        for j, (i, v) in enumerate(step):
+            item = {"image": crops[j], "mask": torch.zeros(crop, crop, dtype=torch.uint8), "index": i, "view": v,
+                    "targets": {k: torch.from_numpy(t) for k, t in targets[j].items()}}
+            if j >= batch:
+                item.update({"strong": crops[j].clone(), "box": torch.zeros(crop, crop)} if which == "before" else
+                            {"strong": drawn["params"][j - batch], "box": drawn["boxes"][j - batch]})
+            out.append(item)
+        return out
+
+    batches = {w: items(w) for w in ("before", "after")}
+    collated = {w: [default_collate(b[:batch]), default_collate(b[batch:])] for w, b in batches.items()}
+    nbytes = {w: sum(t.numel() * t.element_size() for c in cs for t in _tensors(c)) for w, cs in collated.items()}
+    copy = _copy_ms(collated, reps, ctx.device)
+
+    parts = {
+        "decode": {"before": _cpu_ms(decode, reps), "after": _cpu_ms(decode_kept, reps)},
+        "views": {"before": _cpu_ms(render, reps)},
+        "strong+cutmix (worker)": {"before": _cpu_ms(strong_before, reps), "after": _cpu_ms(strong_after, reps)},
+        "cache reads": {"before": _cpu_ms(reads("before"), reps), "after": _cpu_ms(reads("after"), reps)},
+        "collate": {w: _cpu_ms(lambda b=b: (default_collate(b[:batch]), default_collate(b[batch:])), reps)
+                    for w, b in batches.items()},
+        "pin (host memcpy)": {w: copy[w]["pin_ms"] for w in ("before", "after")},
+    }
+    for p in parts.values():
+        p.setdefault("after", p["before"])
+    loader = {w: sum(p[w] for p in parts.values()) / 1e3 for w in ("before", "after")}
+    device_ms = {"strong+cutmix (device, batched)": _cpu_ms(strong_device, reps),
+                 "host→device transfer": copy["after"]["transfer_ms"]}
+
+    flops = _model_flops(f, crop, batch)
+    gpu = _gpu_step_s(flops)
+    throughput = _loader_rates(ds, ids, views, crop, readers["after"], batch, snap, f["loader_steps"], f["workers"],
+                               EpochSampler, ReplaySet)
+    cores = {w: loader[w] / gpu["predicted_s"] for w in loader}
+    return {"sizes": {"crop": crop, "batch": f"{batch} + {batch}", "tiles": n, "scene": f["scene"],
+                      "targets": {k: list(v) for k, v in f["targets"].items()}, "codec_after": _codec_name(),
+                      "codec_before": "zstd3-bitshuffle"},
+            "cpu_ms_per_step": parts, "device_ms_per_step": device_ms, "loader_cpu_s_per_step": loader,
+            "bytes_per_step": nbytes, "model": {"flops": flops, **gpu}, "loader_steps_per_s": throughput,
+            "ratios": {"loader cores per GPU": {
+                "value": cores["after"], "goal": "<= 4",
+                "absolute": f"{loader['after'] * 1e3:.0f} ms loader CPU per step (before: {loader['before'] * 1e3:.0f} "
+                            f"ms, {cores['before']:.1f} cores) vs {gpu['predicted_s'] * 1e3:.1f} ms model step "
+                            f"({gpu['basis']})"}},
+            "markdown": _table(parts, device_ms, loader, throughput, gpu, cores)}
+
+
+def _tensors(batch: dict):
+    for v in batch.values():
+        if isinstance(v, dict):
+            yield from v.values()
+        elif isinstance(v, torch.Tensor):
+            yield v
+
+
+def _copy_ms(collated: dict, repeats: int, device: str) -> dict:
+    """Pinning (page-locked copy) CPU ms and host→device transfer ms of each set-up's two batches."""
+    out = {}
+    for w, cs in collated.items():
+        tensors = [t for c in cs for t in _tensors(c)]
+        nbytes = sum(t.numel() * t.element_size() for t in tensors)
+        if torch.device(device).type == "cuda":
+            pinned = [t.pin_memory() for t in tensors]
+            pin = _cpu_ms(lambda: [t.pin_memory() for t in tensors], repeats)
+
+            def transfer():
+                for t in pinned:
+                    t.to(device, non_blocking=True)
+                torch.cuda.synchronize()
+
+            t0 = time.perf_counter()
+            for _ in range(repeats):
+                transfer()
+            out[w] = {"pin_ms": pin, "transfer_ms": 1e3 * (time.perf_counter() - t0) / repeats}
+        else:
+            buffers = [torch.empty_like(t) for t in tensors]
+            pin = _cpu_ms(lambda: [b.copy_(t) for b, t in zip(buffers, tensors)], repeats)
+            out[w] = {"pin_ms": pin, "transfer_ms": 1e3 * nbytes / PCIE_BYTES_PER_S}
+    return out
+
+
+def _loader_rates(ds, ids, views, crop, reader, batch, snap, steps, worker_counts, EpochSampler,
+                  ReplaySet) -> dict[int, float]:
+    """Steps/s of the real labeled + unlabeled loaders (ReplaySet, EpochSampler) per worker count."""
+    n = len(ids)
+    common = dict(dataset=ds, ids=ids, cache_index={s: i for i, s in enumerate(ids)}, views=views,
+                  valid=np.ones(views.shape[:2], np.float32), crop=crop, reader=reader, seed=0, snap=snap,
+                  bands=(0, 1, 2), max_value=None)
+    rates = {}
+    for workers in worker_counts:
+        sets = [ReplaySet(unlabeled=u, **common) for u in (False, True)]
+        loaders = [DataLoader(s, batch_size=batch, sampler=EpochSampler(n, 0, 0, 1), drop_last=True,
+                              num_workers=workers, persistent_workers=True, prefetch_factor=2) for s in sets]
+        its = [iter(_forever(loader)) for loader in loaders]
+        for it in its:  # start-up: workers spawned, first batches decoded
+            next(it)
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            for it in its:
+                next(it)
+        rates[workers] = steps / (time.perf_counter() - t0)
+        del its, loaders
+    return rates
+
+
+def _forever(loader):
+    epoch = 0
+    while True:
+        loader.sampler.epoch = epoch
+        yield from loader
+        epoch += 1
+
+
+def _codec_name() -> str:
+    from ..cache import default_compressor
+    from .codec import _name_of
+
+    return _name_of(default_compressor())
+
+
+def _table(parts: dict, device_ms: dict, loader: dict, rates: dict, gpu: dict, cores: dict) -> str:
+    lines = ["| part | before, CPU ms/step | after, CPU ms/step |", "|---|---|---|"]
+    lines += [f"| {k} | {v['before']:.1f} | {v['after']:.1f} |" for k, v in parts.items()]
+    lines.append(f"| **loader total** | **{loader['before'] * 1e3:.0f}** | **{loader['after'] * 1e3:.0f}** |")
+    lines += [f"| {k} (device work, not loader) | - | {v:.1f} |" for k, v in device_ms.items()]
+    lines += ["", f"model step: {gpu['predicted_s'] * 1e3:.1f} ms ({gpu['basis']}); loader cores needed per GPU: "
+                  f"{cores['before']:.1f} before, {cores['after']:.1f} after (goal <= 4)",
+              "loader steps/s (labeled + unlabeled loaders, N workers each, on this machine): "
+              + ", ".join(f"{w}: {r:.2f}" for w, r in rates.items())]
+    return "\n".join(lines)
