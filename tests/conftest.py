@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import traceback
+import warnings
 from pathlib import Path
 
 import pytest
@@ -60,10 +62,81 @@ def tiny(tmp_path, synthetic_root):
     return write_recipe(tmp_path / "recipe.toml", synthetic_root, splits), tmp_path / "cache"
 
 
+PROCESS_START_VARS = ("OMP_NUM_THREADS",)  # read by torch once, when a process starts
+
+
 def run_cli(*args: str, cwd: Path | None = None, check: bool = False, env: dict | None = None) -> subprocess.CompletedProcess:
-    """`rsmtdf ARGS` in a subprocess, as a user runs it."""
+    """`rsmtdf ARGS` as a user runs it, but in this process: `main()` under click's isolation (its own
+    stdout, stderr, argv, environment and working directory), so no call pays seconds of imports.
+    What a fresh process would show stays visible: an uncaught exception prints its traceback to the
+    command's stderr and exits 1, warnings print to stderr under Python's default filters (not
+    pytest's), and OMP_NUM_THREADS in `env` sets torch's intra-op threads for this call alone.
+    Process behaviour itself (signals, ranks, modules absent, the interpreter's exit) is tested
+    through `run_process`."""
+    import torch
+    from click.testing import CliRunner
+
+    from rsmtdf.cli import main
+
+    env = {k: str(v) for k, v in (env or {}).items()}
+    threads, here, argv = torch.get_num_threads(), os.getcwd(), sys.argv
+    with CliRunner().isolation(env=env) as (out, err, _), warnings.catch_warnings():
+        _python_warnings()
+        for name in PROCESS_START_VARS:
+            if name in env:
+                torch.set_num_threads(int(env[name]))
+        sys.argv = ["rsmtdf", *map(str, args)]
+        os.chdir(cwd or ROOT)
+        try:
+            main()
+            code = 0
+        except SystemExit as exc:
+            code = _exit_status(exc.code)
+        except Exception:  # what the interpreter does with an exception nobody caught
+            traceback.print_exc()
+            code = 1
+        finally:
+            sys.argv = argv
+            os.chdir(here)
+            torch.set_num_threads(threads)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        proc = subprocess.CompletedProcess(["rsmtdf", *map(str, args)], code, out.getvalue().decode(),
+                                           err.getvalue().decode("utf-8", "backslashreplace"))
+    return _checked(proc, check)
+
+
+def run_process(*args: str, cwd: Path | None = None, check: bool = False, env: dict | None = None) -> subprocess.CompletedProcess:
+    """`rsmtdf ARGS` in a subprocess, for what only a process shows (its interpreter's exit status,
+    a fresh import of everything, environment read at start)."""
     proc = subprocess.run([sys.executable, "-m", "rsmtdf.cli", *map(str, args)], cwd=cwd or ROOT,
                           capture_output=True, text=True, env={**os.environ, **(env or {})}, timeout=600)
+    return _checked(proc, check)
+
+
+def _checked(proc: subprocess.CompletedProcess, check: bool) -> subprocess.CompletedProcess:
     if check and proc.returncode != 0:
-        raise AssertionError(f"rsmtdf {' '.join(map(str, args))} failed:\n{proc.stdout}\n{proc.stderr}")
+        raise AssertionError(f"rsmtdf {' '.join(map(str, proc.args))} failed:\n{proc.stdout}\n{proc.stderr}")
     return proc
+
+
+def _exit_status(code: object) -> int:
+    """The status `sys.exit(code)` gives a process (a message is printed to stderr, status 1)."""
+    if code is None or isinstance(code, int):
+        return code or 0
+    print(code, file=sys.stderr)
+    return 1
+
+
+def _python_warnings() -> None:
+    """Python's default warning filters, and warnings shown on (the command's) stderr, as in a
+    fresh interpreter; pytest's own filters and recorder stay outside the command."""
+    warnings.resetwarnings()
+    warnings.filterwarnings("default", category=DeprecationWarning, module="__main__")
+    for category in (DeprecationWarning, PendingDeprecationWarning, ImportWarning, ResourceWarning):
+        warnings.simplefilter("ignore", category, append=True)
+    warnings.showwarning = _show_warning
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))

@@ -10,7 +10,6 @@ import errno
 import json
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -212,17 +211,6 @@ def test_non_finite_feature_is_an_error_naming_the_sample(pristine, tmp_path, mo
 # ---- disk full -----------------------------------------------------------------------------------
 
 
-def cli_in_process(capsys, monkeypatch, *args) -> SimpleNamespace:
-    """`rsmtdf ARGS` in this process (so a fault can be injected), as (returncode, stdout, stderr)."""
-    from rsmtdf import cli
-
-    monkeypatch.setattr(sys, "argv", ["rsmtdf", *map(str, args)])
-    with pytest.raises(SystemExit) as exc:
-        cli.main()
-    out = capsys.readouterr()
-    return SimpleNamespace(returncode=exc.value.code, stdout=out.out, stderr=out.err)
-
-
 def enospc_on(monkeypatch, prefix: str, after: int) -> None:
     """Make the store's writes of keys starting with `prefix` fail with ENOSPC after `after` of them."""
     real = zarr.storage.LocalStore.set
@@ -238,22 +226,20 @@ def enospc_on(monkeypatch, prefix: str, after: int) -> None:
     monkeypatch.setattr(zarr.storage.LocalStore, "set", set_)
 
 
-def test_disk_full_mid_extraction_says_what_the_rest_needs(pristine, tmp_path, capsys, monkeypatch):
+def test_disk_full_mid_extraction_says_what_the_rest_needs(pristine, tmp_path, monkeypatch):
     enospc_on(monkeypatch, f"teachers/{TEACHER}/c/", after=1)
     out = tmp_path / "cache"
-    proc = cli_in_process(capsys, monkeypatch, "extract-features", "-r", pristine.recipe, "-o", out, "--workers", "0",
-                          "--shard-samples", SHARD)
+    proc = run_cli("extract-features", "-r", pristine.recipe, "-o", out, "--workers", "0", "--shard-samples", SHARD)
     error_line(proc, str(out), "disk full", "2 shards (4 samples) still to write", "at the compression of the 1 shard")
     monkeypatch.undo()
     extract(pristine.recipe, out, check=True)  # space freed: the same command finishes the cache
     assert tree_hashes(out) == pristine.hashes
 
 
-def test_disk_full_at_creation_leaves_no_half_made_store(pristine, tmp_path, capsys, monkeypatch):
+def test_disk_full_at_creation_leaves_no_half_made_store(pristine, tmp_path, monkeypatch):
     enospc_on(monkeypatch, "", after=2)
     out = tmp_path / "cache"
-    proc = cli_in_process(capsys, monkeypatch, "extract-features", "-r", pristine.recipe, "-o", out, "--workers", "0",
-                          "--shard-samples", SHARD)
+    proc = run_cli("extract-features", "-r", pristine.recipe, "-o", out, "--workers", "0", "--shard-samples", SHARD)
     error_line(proc, str(out), "disk full", "3 shards (6 samples)", "uncompressed")
     assert sorted(tmp_path.iterdir()) == []  # no cache and no *.init-* folder
 
