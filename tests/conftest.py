@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -60,6 +61,42 @@ def tiny(tmp_path, synthetic_root):
     splits = tmp_path / "splits"
     make_splits(open_dataset("loveda", synthetic_root), splits)
     return write_recipe(tmp_path / "recipe.toml", synthetic_root, splits), tmp_path / "cache"
+
+
+def tiny_student(translator_hidden: int = 64, **train: object) -> str:
+    """[student] and [train] of a recipe with a tiny random ViT/14 student (48 dims, 4 blocks, no hub
+    download), batches of 2 loaded in this process; `train` adds [train] keys (TOML values)."""
+    keys = {"batch_size": 2, "workers": 0, **train}
+    return ('\n[student]\nencoder = "vit_small_patch14_dinov2"\npretrained = false\n'
+            f"translator_hidden = {translator_hidden}\nkwargs = {{ embed_dim = 48, depth = 4, num_heads = 3 }}\n"
+            "[train]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in keys.items()))
+
+
+STUDENT = tiny_student(lr=1e-4, head_lr_multiplier=10.0, eval_every=1000)
+TEACHERS = '["effnet_lite0", "effnet_lite1"]'
+SIZES = "{ effnet_lite0 = 56, effnet_lite1 = 28 }"  # lite1 at 28 px: the CLIP-like second student pass
+
+
+@pytest.fixture(scope="session")
+def student_cache(tmp_path_factory, synthetic_root) -> tuple[Path, Path, Path]:
+    """(recipe, cache, folder): a finalized two-teacher cache of the generated scenes and a recipe
+    with the tiny student, extracted once for every module that trains from it. Tests write their
+    runs under their own tmp_path, never into the folder."""
+    from rsmtdf.data import open_dataset
+    from rsmtdf.splits import make_splits
+
+    tmp = tmp_path_factory.mktemp("student-cache")
+    make_splits(open_dataset("loveda", synthetic_root), tmp / "splits")
+    recipe = write_recipe(tmp / "recipe.toml", synthetic_root, tmp / "splits", teachers=TEACHERS, sizes=SIZES,
+                          extra=STUDENT)
+    run_cli("extract-features", "-r", recipe, "-o", tmp / "cache", "--workers", "0", check=True)
+    return recipe, tmp / "cache", tmp
+
+
+def train_cli(student_cache: tuple[Path, Path, Path], run: Path, *extra: str) -> list[str]:
+    """`rsmtdf train` from the shared cache into `run`, as arguments after `rsmtdf`."""
+    recipe, cache, _ = student_cache
+    return ["train", "--cache", str(cache), "--split", "10pct", "-r", str(recipe), "--run-dir", str(run), *extra]
 
 
 PROCESS_START_VARS = ("OMP_NUM_THREADS",)  # read by torch once, when a process starts

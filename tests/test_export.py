@@ -11,19 +11,18 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, run_cli
+from conftest import ROOT, run_cli, train_cli
 from PIL import Image
 from test_errors import error_line
-from test_train import _train, setup  # noqa: F401 - the shared cache and tiny-student recipe
 
 from rsmtdf.predict import load_trained
 
 
 @pytest.fixture(scope="module")
-def checkpoint(setup):  # noqa: F811
-    _, _, tmp = setup
-    _train(setup, tmp / "run", "--max-steps", "2")
-    return tmp / "run" / "best.pt"
+def checkpoint(student_cache, tmp_path_factory):
+    run = tmp_path_factory.mktemp("export") / "run"
+    run_cli(*train_cli(student_cache, run, "--max-steps", "2"), check=True)
+    return run / "best.pt"
 
 
 def test_onnx_matches_pytorch_at_any_batch_and_patch_multiple(checkpoint, tmp_path):

@@ -18,9 +18,8 @@ import pytest
 import torch
 import zarr
 
-from conftest import run_cli, write_recipe
+from conftest import STUDENT, run_cli, write_recipe
 from test_errors import error_line, tree_hashes
-from test_train import STUDENT
 from rsmtdf.cache import FeatureCache
 from rsmtdf.data import open_dataset
 from rsmtdf.errors import RsmtdfError
