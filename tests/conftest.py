@@ -13,6 +13,10 @@ from pathlib import Path
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach for a model hub
+# One torch intra-op thread per process: the suite runs on two xdist workers (pyproject's addopts), and
+# on a loaded 2-core machine two threads per process run many times slower (BENCHMARKS.md, "Why
+# --threads 1"). Set before torch is imported, so this process and every subprocess start with it.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 ROOT = Path(__file__).resolve().parents[1]
 LOVEDA_SAMPLE = ROOT.parent / "shared" / "data" / "loveda-sample"

@@ -285,7 +285,7 @@ def test_disk_full_while_checkpointing_keeps_the_previous_checkpoint(tiny_disk):
 
 def test_workers_and_intra_op_threads_do_not_change_a_bit(pristine, tmp_path):
     """--batch-size 1: a shard's 4 crops are 4 batches, so the teacher thread pool has work to share."""
-    extract(pristine.recipe, tmp_path / "w0", "--batch-size", "1", check=True)
+    extract(pristine.recipe, tmp_path / "w0", "--batch-size", "1", env={"OMP_NUM_THREADS": "2"}, check=True)
     extract(pristine.recipe, tmp_path / "w2", "--batch-size", "1", "--workers", "2", check=True)
     extract(pristine.recipe, tmp_path / "t1", "--batch-size", "1", env={"OMP_NUM_THREADS": "1"}, check=True)
     extract(pristine.recipe, tmp_path / "t3", "--batch-size", "1", "--workers", "2", env={"OMP_NUM_THREADS": "3"},

@@ -56,8 +56,9 @@ def test_two_slurm_tasks_train_like_torchrun(student_cache, tmp_path):
     base = {k: v for k, v in os.environ.items() if k not in TORCHRUN_VARS and not k.startswith("SLURM_")}
     base["OMP_NUM_THREADS"] = "1"
     args = ("--max-steps", "2")
+    _, port = _free_port_for_a_job()  # not torchrun's default 29500, which another test's torchrun may hold
     torchrun = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-                               "-m", "rsmtdf.cli", *train_cli(student_cache, tmp_path / "torchrun", *args)],
+                               "--master-port", str(port), "-m", "rsmtdf.cli", *train_cli(student_cache, tmp_path / "torchrun", *args)],
                               cwd=ROOT, capture_output=True, text=True, timeout=600, env=base)
     assert torchrun.returncode == 0, torchrun.stderr[-3000:]
 
