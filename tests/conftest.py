@@ -142,8 +142,8 @@ def run_cli(*args: str, cwd: Path | None = None, check: bool = False, env: dict 
             torch.set_num_threads(threads)
         sys.stdout.flush()
         sys.stderr.flush()
-        proc = subprocess.CompletedProcess(["rsmtdf", *map(str, args)], code, out.getvalue().decode(),
-                                           err.getvalue().decode("utf-8", "backslashreplace"))
+        proc = subprocess.CompletedProcess(["rsmtdf", *map(str, args)], code, _text(out.getvalue()),
+                                           _text(err.getvalue()))
     return _checked(proc, check)
 
 
@@ -159,6 +159,12 @@ def _checked(proc: subprocess.CompletedProcess, check: bool) -> subprocess.Compl
     if check and proc.returncode != 0:
         raise AssertionError(f"rsmtdf {' '.join(map(str, proc.args))} failed:\n{proc.stdout}\n{proc.stderr}")
     return proc
+
+
+def _text(data: bytes) -> str:
+    """Output as `subprocess.run(text=True)` reads it: universal newlines, so a progress bar's \\r
+    ends a line there too."""
+    return data.decode().replace("\r\n", "\n").replace("\r", "\n")
 
 
 def _exit_status(code: object) -> int:

@@ -5,13 +5,12 @@ safetensors export exactly as with the checkpoint."""
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, run_cli, train_cli
+from conftest import run_cli, train_cli
 from PIL import Image
 from test_errors import error_line
 
@@ -71,16 +70,16 @@ def test_safetensors_holds_one_model_and_predict_takes_it(checkpoint, tmp_path):
         assert np.array_equal(a.read(1), b.read(1))
 
 
-def test_bad_exports_say_one_line(checkpoint, tmp_path):
+def test_bad_exports_say_one_line(checkpoint, tmp_path, monkeypatch):
     error_line(run_cli("export", "--checkpoint", checkpoint, "--format", "tflite"), "--format tflite", "onnx")
     error_line(run_cli("export", "--checkpoint", tmp_path / "none.pt"), "none.pt", "no checkpoint")
     error_line(run_cli("export", "--checkpoint", checkpoint, "--format", "onnx", "-o", tmp_path / "m.bin"),
                "m.bin", ".onnx")
-    # without the onnx extra (its modules absent for this process alone): one line naming it
-    code = ("import sys; sys.modules['onnx'] = sys.modules['onnxscript'] = None; from rsmtdf.cli import main; "
-            f"sys.argv = ['rsmtdf', 'export', '--checkpoint', {str(checkpoint)!r}, '--format', 'onnx', "
-            f"'-o', {str(tmp_path / 'm.onnx')!r}]; main()")
-    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    # without the onnx extra (its modules absent for this command alone: importing them fails): one line naming it
+    with monkeypatch.context() as absent:
+        absent.setitem(sys.modules, "onnx", None)
+        absent.setitem(sys.modules, "onnxscript", None)
+        proc = run_cli("export", "--checkpoint", checkpoint, "--format", "onnx", "-o", tmp_path / "m.onnx")
     error_line(proc, "pip install 'rsmtdf[onnx]'")
     assert not list(tmp_path.glob("*m.onnx*"))
     lone = tmp_path / "lone.safetensors"
