@@ -103,6 +103,12 @@ def train_cli(student_cache: tuple[Path, Path, Path], run: Path, *extra: str) ->
     return ["train", "--cache", str(cache), "--split", "10pct", "-r", str(recipe), "--run-dir", str(run), *extra]
 
 
+def train_run(student_cache: tuple[Path, Path, Path], run: Path, *extra: str, check: bool = True,
+              env: dict | None = None) -> subprocess.CompletedProcess:
+    """`rsmtdf train` from the shared cache into `run`, checked unless told otherwise."""
+    return run_cli(*train_cli(student_cache, run, *extra), check=check, env=env)
+
+
 PROCESS_START_VARS = ("OMP_NUM_THREADS",)  # read by torch once, when a process starts
 
 
