@@ -37,7 +37,7 @@ def test_readme_snippet_runs(tmp_path, synthetic_root):
     (tmp_path / "runs" / "demo").mkdir(parents=True)
     (tmp_path / "runs" / "demo" / "data").symlink_to(synthetic_root)  # where `rsmtdf demo` puts its scenes
     make_splits(open_dataset("loveda", synthetic_root), tmp_path / "runs" / "demo" / "splits")
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "2"}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-c", readme_snippet()], cwd=tmp_path, capture_output=True, text=True,
                           timeout=900, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -143,7 +143,7 @@ def test_sigkill_mid_extraction_then_rerun_equals_uninterrupted(tmp_path, synthe
     make_splits(open_dataset("loveda", synthetic_root), splits)
     recipe = write_recipe(tmp_path / "r.toml", synthetic_root, splits, views=6, crop=224, sizes="{}")
     ref, killed = tmp_path / "ref", tmp_path / "killed"
-    subprocess.run(_cli_extract(recipe, ref), check=True, capture_output=True, cwd=ROOT)
+    run_cli(*_cli_extract(recipe, ref)[3:], check=True)
 
     proc = subprocess.Popen(_cli_extract(recipe, killed), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     done_dir = killed / "done" / "c"
@@ -157,7 +157,7 @@ def test_sigkill_mid_extraction_then_rerun_equals_uninterrupted(tmp_path, synthe
     assert 0 < done.sum() < len(done), "the kill must land mid-extraction"
     assert not partial.attrs["complete"]
 
-    out = subprocess.run(_cli_extract(recipe, killed), check=True, capture_output=True, text=True, cwd=ROOT)
+    out = run_cli(*_cli_extract(recipe, killed)[3:], check=True)  # the kill needed a process; the rerun does not
     assert f"skipped {int(done.sum())}" in out.stdout
     assert FeatureCache.open(killed).attrs["complete"]
     _assert_same_cache(ref, killed)

@@ -1,5 +1,6 @@
 """Bad input ends in one line that names the file and the problem, a non-zero exit and no traceback,
-and leaves an existing cache untouched (DESIGN §7). Every case runs the real CLI in a subprocess."""
+and leaves an existing cache untouched (DESIGN §7). Every case runs the real CLI's `main()` (in this
+process, as `run_cli` does; one case through the interpreter, as `run_process` does)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import run_cli, write_recipe
+from conftest import run_cli, run_process, write_recipe
 from PIL import Image
 
 PROGRESS = re.compile(r"\d+/\d+ \[")  # a tqdm bar: "…| 3/6 [00:00<…"
@@ -181,10 +182,34 @@ def test_output_folder_that_is_not_a_cache(tmp_path, made):
 # ---- reading commands ----------------------------------------------------------------------------------
 
 
-def test_inspect_missing_path(tmp_path):
+@pytest.mark.parametrize("run", [run_cli, run_process], ids=["in-process", "process"])
+def test_inspect_missing_path(tmp_path, run):
+    """Also through a real interpreter: its exit status, stderr and stdout are what `run_cli` reports."""
     missing = tmp_path / "no-such-cache"
-    error_line(run_cli("inspect", missing), str(missing), "no cache")
+    proc = run("inspect", missing)
+    error_line(proc, str(missing), "no cache")
+    assert proc.returncode == 2
     assert not missing.exists()
+
+
+def test_in_process_runs_show_what_a_process_would(tmp_path, monkeypatch):
+    """An exception nobody catches is a traceback on stderr and status 1; a warning is a line on
+    stderr (pytest's filters do not hide it): error_line would refuse either."""
+    import warnings
+
+    from rsmtdf.cache import FeatureCache
+
+    def broken(path):
+        warnings.warn("a warning the user sees", UserWarning)
+        raise ValueError("a bug")
+
+    monkeypatch.setattr(FeatureCache, "open", broken)
+    proc = run_cli("inspect", tmp_path)
+    assert proc.returncode == 1 and proc.stdout == ""
+    assert "UserWarning: a warning the user sees" in proc.stderr
+    assert "Traceback" in proc.stderr and proc.stderr.rstrip().endswith("ValueError: a bug")
+    with pytest.raises(AssertionError):
+        error_line(proc)
 
 
 def test_show_unknown_sample(tmp_path, made):

@@ -5,25 +5,23 @@ safetensors export exactly as with the checkpoint."""
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, run_cli
+from conftest import run_cli, train_cli
 from PIL import Image
 from test_errors import error_line
-from test_train import _train, setup  # noqa: F401 - the shared cache and tiny-student recipe
 
 from rsmtdf.predict import load_trained
 
 
 @pytest.fixture(scope="module")
-def checkpoint(setup):  # noqa: F811
-    _, _, tmp = setup
-    _train(setup, tmp / "run", "--max-steps", "2")
-    return tmp / "run" / "best.pt"
+def checkpoint(student_cache, tmp_path_factory):
+    run = tmp_path_factory.mktemp("export") / "run"
+    run_cli(*train_cli(student_cache, run, "--max-steps", "2"), check=True)
+    return run / "best.pt"
 
 
 def test_onnx_matches_pytorch_at_any_batch_and_patch_multiple(checkpoint, tmp_path):
@@ -72,16 +70,16 @@ def test_safetensors_holds_one_model_and_predict_takes_it(checkpoint, tmp_path):
         assert np.array_equal(a.read(1), b.read(1))
 
 
-def test_bad_exports_say_one_line(checkpoint, tmp_path):
+def test_bad_exports_say_one_line(checkpoint, tmp_path, monkeypatch):
     error_line(run_cli("export", "--checkpoint", checkpoint, "--format", "tflite"), "--format tflite", "onnx")
     error_line(run_cli("export", "--checkpoint", tmp_path / "none.pt"), "none.pt", "no checkpoint")
     error_line(run_cli("export", "--checkpoint", checkpoint, "--format", "onnx", "-o", tmp_path / "m.bin"),
                "m.bin", ".onnx")
-    # without the onnx extra (its modules absent for this process alone): one line naming it
-    code = ("import sys; sys.modules['onnx'] = sys.modules['onnxscript'] = None; from rsmtdf.cli import main; "
-            f"sys.argv = ['rsmtdf', 'export', '--checkpoint', {str(checkpoint)!r}, '--format', 'onnx', "
-            f"'-o', {str(tmp_path / 'm.onnx')!r}]; main()")
-    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    # without the onnx extra (its modules absent for this command alone: importing them fails): one line naming it
+    with monkeypatch.context() as absent:
+        absent.setitem(sys.modules, "onnx", None)
+        absent.setitem(sys.modules, "onnxscript", None)
+        proc = run_cli("export", "--checkpoint", checkpoint, "--format", "onnx", "-o", tmp_path / "m.onnx")
     error_line(proc, "pip install 'rsmtdf[onnx]'")
     assert not list(tmp_path.glob("*m.onnx*"))
     lone = tmp_path / "lone.safetensors"

@@ -10,7 +10,6 @@ import errno
 import json
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -19,9 +18,8 @@ import pytest
 import torch
 import zarr
 
-from conftest import run_cli, write_recipe
+from conftest import STUDENT, run_cli, write_recipe
 from test_errors import error_line, tree_hashes
-from test_train import STUDENT
 from rsmtdf.cache import FeatureCache
 from rsmtdf.data import open_dataset
 from rsmtdf.errors import RsmtdfError
@@ -212,17 +210,6 @@ def test_non_finite_feature_is_an_error_naming_the_sample(pristine, tmp_path, mo
 # ---- disk full -----------------------------------------------------------------------------------
 
 
-def cli_in_process(capsys, monkeypatch, *args) -> SimpleNamespace:
-    """`rsmtdf ARGS` in this process (so a fault can be injected), as (returncode, stdout, stderr)."""
-    from rsmtdf import cli
-
-    monkeypatch.setattr(sys, "argv", ["rsmtdf", *map(str, args)])
-    with pytest.raises(SystemExit) as exc:
-        cli.main()
-    out = capsys.readouterr()
-    return SimpleNamespace(returncode=exc.value.code, stdout=out.out, stderr=out.err)
-
-
 def enospc_on(monkeypatch, prefix: str, after: int) -> None:
     """Make the store's writes of keys starting with `prefix` fail with ENOSPC after `after` of them."""
     real = zarr.storage.LocalStore.set
@@ -238,22 +225,20 @@ def enospc_on(monkeypatch, prefix: str, after: int) -> None:
     monkeypatch.setattr(zarr.storage.LocalStore, "set", set_)
 
 
-def test_disk_full_mid_extraction_says_what_the_rest_needs(pristine, tmp_path, capsys, monkeypatch):
+def test_disk_full_mid_extraction_says_what_the_rest_needs(pristine, tmp_path, monkeypatch):
     enospc_on(monkeypatch, f"teachers/{TEACHER}/c/", after=1)
     out = tmp_path / "cache"
-    proc = cli_in_process(capsys, monkeypatch, "extract-features", "-r", pristine.recipe, "-o", out, "--workers", "0",
-                          "--shard-samples", SHARD)
+    proc = run_cli("extract-features", "-r", pristine.recipe, "-o", out, "--workers", "0", "--shard-samples", SHARD)
     error_line(proc, str(out), "disk full", "2 shards (4 samples) still to write", "at the compression of the 1 shard")
     monkeypatch.undo()
     extract(pristine.recipe, out, check=True)  # space freed: the same command finishes the cache
     assert tree_hashes(out) == pristine.hashes
 
 
-def test_disk_full_at_creation_leaves_no_half_made_store(pristine, tmp_path, capsys, monkeypatch):
+def test_disk_full_at_creation_leaves_no_half_made_store(pristine, tmp_path, monkeypatch):
     enospc_on(monkeypatch, "", after=2)
     out = tmp_path / "cache"
-    proc = cli_in_process(capsys, monkeypatch, "extract-features", "-r", pristine.recipe, "-o", out, "--workers", "0",
-                          "--shard-samples", SHARD)
+    proc = run_cli("extract-features", "-r", pristine.recipe, "-o", out, "--workers", "0", "--shard-samples", SHARD)
     error_line(proc, str(out), "disk full", "3 shards (6 samples)", "uncompressed")
     assert sorted(tmp_path.iterdir()) == []  # no cache and no *.init-* folder
 
@@ -300,7 +285,7 @@ def test_disk_full_while_checkpointing_keeps_the_previous_checkpoint(tiny_disk):
 
 def test_workers_and_intra_op_threads_do_not_change_a_bit(pristine, tmp_path):
     """--batch-size 1: a shard's 4 crops are 4 batches, so the teacher thread pool has work to share."""
-    extract(pristine.recipe, tmp_path / "w0", "--batch-size", "1", check=True)
+    extract(pristine.recipe, tmp_path / "w0", "--batch-size", "1", env={"OMP_NUM_THREADS": "2"}, check=True)
     extract(pristine.recipe, tmp_path / "w2", "--batch-size", "1", "--workers", "2", check=True)
     extract(pristine.recipe, tmp_path / "t1", "--batch-size", "1", env={"OMP_NUM_THREADS": "1"}, check=True)
     extract(pristine.recipe, tmp_path / "t3", "--batch-size", "1", "--workers", "2", env={"OMP_NUM_THREADS": "3"},

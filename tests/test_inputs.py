@@ -1,6 +1,6 @@
 """The bad-input sweep: every recipe value and command-line option is checked before any work
 starts, and each bad one ends in one `error:` line naming the file or option, the key, the value
-and what is allowed, with a non-zero exit, no traceback and nothing written. Real CLI, subprocess."""
+and what is allowed, with a non-zero exit, no traceback and nothing written. The real CLI (`main()`)."""
 
 from __future__ import annotations
 

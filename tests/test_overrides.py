@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import tomllib
 
-from conftest import run_cli, write_recipe
+from conftest import run_cli, tiny_student, write_recipe
 
 from rsmtdf.recipe import Recipe, load_recipe
 
@@ -40,9 +40,8 @@ def test_set_changes_the_cache_and_train_without_recipe_uses_the_caches(tmp_path
 
     splits = tmp_path / "splits"
     make_splits(open_dataset("loveda", synthetic_root), splits)
-    student = ('[student]\nencoder = "vit_small_patch14_dinov2"\npretrained = false\ntranslator_hidden = 32\n'
-               "kwargs = { embed_dim = 48, depth = 4, num_heads = 3 }\n[train]\nbatch_size = 2\nworkers = 0\n")
-    recipe = write_recipe(tmp_path / "r.toml", synthetic_root, splits, sizes="{ effnet_lite0 = 56 }", extra=student)
+    recipe = write_recipe(tmp_path / "r.toml", synthetic_root, splits, sizes="{ effnet_lite0 = 56 }",
+                          extra=tiny_student(translator_hidden=32))
     cache = tmp_path / "cache"
     run_cli("extract-features", "-r", recipe, "-o", cache, "--workers", "0", "--set", "views.count=1",
             "--set", "views.seed=7", check=True)

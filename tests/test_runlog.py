@@ -7,14 +7,15 @@ from __future__ import annotations
 import json
 
 import pytest
-from test_train import _train, setup  # noqa: F401 - the shared cache and tiny-student recipe
+from conftest import train_run
 
 
 @pytest.fixture(scope="module")
-def run(setup):  # noqa: F811
-    _, _, tmp = setup
-    _train(setup, tmp / "run", "--max-steps", "3")
-    return tmp / "run", tmp / "splits"
+def run(student_cache, tmp_path_factory):
+    _, _, tmp = student_cache
+    run_dir = tmp_path_factory.mktemp("runlog") / "run"
+    train_run(student_cache, run_dir, "--max-steps", "3")
+    return run_dir, tmp / "splits"
 
 
 def test_tensorboard_holds_steps_evaluations_pictures_and_recipe(run):

@@ -12,8 +12,7 @@ import sys
 
 import pytest
 import torch
-from conftest import ROOT
-from test_train import _cli, setup  # noqa: F401 - the shared cache and tiny-student recipe
+from conftest import ROOT, train_cli
 
 from rsmtdf.errors import RsmtdfError
 from rsmtdf.slurm import BASE_PORT, PORT_SPAN, first_host, slurm_env
@@ -53,17 +52,18 @@ def _free_port_for_a_job() -> tuple[int, int]:
     raise RuntimeError("no free port")
 
 
-def test_two_slurm_tasks_train_like_torchrun(setup, tmp_path):  # noqa: F811
+def test_two_slurm_tasks_train_like_torchrun(student_cache, tmp_path):
     base = {k: v for k, v in os.environ.items() if k not in TORCHRUN_VARS and not k.startswith("SLURM_")}
     base["OMP_NUM_THREADS"] = "1"
     args = ("--max-steps", "2")
+    _, port = _free_port_for_a_job()  # not torchrun's default 29500, which another test's torchrun may hold
     torchrun = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-                               *_cli(setup, tmp_path / "torchrun", *args)[1:]],
+                               "--master-port", str(port), "-m", "rsmtdf.cli", *train_cli(student_cache, tmp_path / "torchrun", *args)],
                               cwd=ROOT, capture_output=True, text=True, timeout=600, env=base)
     assert torchrun.returncode == 0, torchrun.stderr[-3000:]
 
     job, _ = _free_port_for_a_job()
-    tasks = [subprocess.Popen(_cli(setup, tmp_path / "slurm", *args), cwd=ROOT, stdout=subprocess.PIPE,
+    tasks = [subprocess.Popen([sys.executable, "-m", "rsmtdf.cli", *train_cli(student_cache, tmp_path / "slurm", *args)], cwd=ROOT, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True,
                               env={**base, "SLURM_JOB_ID": str(job), "SLURM_PROCID": str(rank), "SLURM_NTASKS": "2",
                                    "SLURM_LOCALID": str(rank), "SLURM_STEP_NODELIST": "localhost",
