@@ -35,7 +35,7 @@ from rasterio.windows import Window
 from tqdm import tqdm
 
 from .checkpoint import load_checkpoint
-from .data import described_classes
+from .data import ClassTable, described_classes
 from .errors import RsmtdfError
 from .model import Student
 from .recipe import Recipe, recipe_from_json
@@ -397,9 +397,9 @@ def _to_cog(partial: Path, final: Path, resampling: str) -> None:
 
 
 def predict_scene(net: Student, path: Path, outputs: Outputs, scaling: BandScaling, tiling: Tiling,
-                  class_names: list[str], colours: np.ndarray, device: str | torch.device) -> SceneResult:
-    """Map one raster of any size to `outputs` (COGs), streaming it window by window; `colours`
-    (256×3, `ClassTable.colours`) become the class map's colour table."""
+                  classes: ClassTable, device: str | torch.device) -> SceneResult:
+    """Map one raster of any size to `outputs` (COGs), streaming it window by window; the class
+    table names the classes in the map's tags and gives its colour table."""
     t0 = time.perf_counter()
     with RasterReader(path, scaling) as src:
         height, width, crs, transform = src.height, src.width, src.crs, src.transform
@@ -419,7 +419,7 @@ def predict_scene(net: Student, path: Path, outputs: Outputs, scaling: BandScali
         bar.update(run + outside)
 
     try:
-        writer = _Writer(outputs, profile, class_names, colours)
+        writer = _Writer(outputs, profile, list(classes.names), classes.colours())
         try:
             with tqdm(total=total, desc=path.name, unit="win", leave=False) as bar:
                 kinds = tuple(writer.files)
@@ -519,7 +519,6 @@ def predict_many(net: Student, scenes: list[Path], plans: list[Outputs], recipe:
                  device: str, overwrite: bool, echo: Callable[[str], None], fail: Callable[[str], None]) -> int:
     """Map every scene, one summary (or one error) line each; return how many could not be mapped."""
     scaling = model_scaling(net.config, recipe)
-    names = identity["class_names"]
     failed = 0
     _return_freed_memory()
     with rasterio.Env(**GDAL_ENV), intra_op_threads(mapping_threads(device)):
@@ -529,7 +528,7 @@ def predict_many(net: Student, scenes: list[Path], plans: list[Outputs], recipe:
                 continue
             try:
                 check_data(scaling, *raster_pixels(scene), str(scene))
-                echo(predict_scene(net, scene, outputs, scaling, tiling, names, described_classes(identity["dataset"]).colours(),
+                echo(predict_scene(net, scene, outputs, scaling, tiling, described_classes(identity["dataset"]),
                                    device).summary())
             except RsmtdfError as exc:
                 fail(str(exc))

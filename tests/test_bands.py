@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import rasterio
 import torch
-from conftest import run_cli
+from conftest import run_cli, tiny_student
 from rasterio.transform import from_origin
 from typer.testing import CliRunner
 
@@ -20,18 +20,7 @@ from rsmtdf.data import open_dataset
 SIZE = 64
 BANDS = 4
 NODATA = 0
-STUDENT = """
-[student]
-encoder = "vit_small_patch14_dinov2"
-pretrained = false
-translator_hidden = 32
-kwargs = { embed_dim = 48, depth = 4, num_heads = 3 }
-[train]
-batch_size = 2
-lr = 1e-4
-workers = 0
-eval_every = 1000
-"""
+STUDENT = tiny_student(32, lr=1e-4, eval_every=1000)
 
 
 def _write(path: Path, image: np.ndarray, nodata: float | None = None) -> None:

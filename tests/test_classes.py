@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import rasterio
-from conftest import run_cli
+from conftest import run_cli, tiny_student
 from test_errors import error_line
 from typer.testing import CliRunner
 
@@ -31,17 +31,7 @@ crop_size = 56
 [teachers]
 names = ["effnet_lite0"]
 sizes = { effnet_lite0 = 56 }
-[student]
-encoder = "vit_small_patch14_dinov2"
-pretrained = false
-translator_hidden = 32
-kwargs = { embed_dim = 48, depth = 4, num_heads = 3 }
-[train]
-batch_size = 2
-lr = 1e-4
-workers = 0
-eval_every = 1000
-"""
+""" + tiny_student(32, lr=1e-4, eval_every=1000)
 
 
 def write_tif(path: Path, array: np.ndarray) -> Path:

@@ -112,7 +112,7 @@ def test_mask_codes_outside_class_table(tmp_path, synthetic_root, splits):
     codes = np.array(Image.open(mask))
     codes[100:110, 100:110] = 9  # LoveDA codes are 0..7
     Image.fromarray(codes).save(mask)
-    error_line(extract(recipe, tmp_path / "cache"), str(mask), "[9]", "outside the class table")
+    error_line(extract(recipe, tmp_path / "cache"), str(mask), "mask code 9 (100 px)", "neither a class nor ignored")
 
 
 def test_image_without_mask(tmp_path, synthetic_root, splits):

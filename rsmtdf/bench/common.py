@@ -147,7 +147,7 @@ def _dataset(root: Path, scenes: int, size: int):
     from ..splits import make_splits
     from ..synthetic import make_landcover_dataset
 
-    make_landcover_dataset(root / "data", train_scenes=scenes, val_scenes=0, size=size, seed=0)
+    make_landcover_dataset(root / "data", train_scenes=scenes, val_scenes=1, size=size, seed=0)  # split lists need a val part
     ds = open_dataset("loveda", root / "data")
     make_splits(ds, root / "splits")
     return ds, root / "splits"

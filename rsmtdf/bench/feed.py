@@ -285,10 +285,12 @@ def _copy_ms(collated: dict, repeats: int, device: str) -> dict:
 def _loader_rates(ds, ids, views, crop, reader, batch, snap, steps, worker_counts, EpochSampler,
                   ReplaySet) -> dict[int, float]:
     """Steps/s of the real labeled + unlabeled loaders (ReplaySet, EpochSampler) per worker count."""
+    from ..scaling import BandScaling
+
     n = len(ids)
     common = dict(dataset=ds, ids=ids, cache_index={s: i for i, s in enumerate(ids)}, views=views,
                   valid=np.ones(views.shape[:2], np.float32), crop=crop, reader=reader, seed=0, snap=snap,
-                  bands=(0, 1, 2), max_value=None)
+                  scaling=BandScaling())
     rates = {}
     for workers in worker_counts:
         sets = [ReplaySet(unlabeled=u, **common) for u in (False, True)]

@@ -131,11 +131,9 @@ def _pair(net: Student, scene: Path, size: int, p: PredictSizes, device: str, wo
     from ..predict import BandScaling, Outputs, Tiling, intra_op_threads, predict_scene
 
     x = _windows(scene, size, p.window, p.stride)
-    names = list(LOVEDA.names)
-
     def run_predict() -> None:
         predict_scene(net, scene, Outputs.beside(work / "maps" / "through.tif", False, False), BandScaling(),
-                      Tiling(p.window, p.stride, p.batch), names, LOVEDA.colours(), device)
+                      Tiling(p.window, p.stride, p.batch), LOVEDA, device)
 
     @torch.no_grad()
     def run_bare() -> None:
