@@ -38,13 +38,16 @@ def synthetic_root(tmp_path_factory) -> Path:
 
 
 def write_recipe(path: Path, data_root: Path, splits: Path, *, views: int = 2, crop: int = 56,
-                 teachers: str = '["effnet_lite0"]', sizes: str = "{ effnet_lite0 = 64 }", extra: str = "") -> Path:
-    """A tiny recipe: small crops and one fast real-weights teacher, so a test extracts in seconds."""
+                 teachers: str = '["effnet_lite0"]', sizes: str = "{ effnet_lite0 = 64 }", extra: str = "",
+                 dataset: str = "loveda", data: str = "") -> Path:
+    """A tiny recipe: small crops and one fast real-weights teacher, so a test extracts in seconds;
+    `data` adds lines to its [data] section."""
     path.write_text(f"""
 [data]
-dataset = "loveda"
+dataset = "{dataset}"
 root = "{data_root}"
 splits = "{splits}"
+{data}
 [views]
 count = {views}
 crop_size = {crop}
@@ -86,13 +89,18 @@ def student_cache(tmp_path_factory, synthetic_root) -> tuple[Path, Path, Path]:
     """(recipe, cache, folder): a finalized two-teacher cache of the generated scenes and a recipe
     with the tiny student, extracted once for every module that trains from it. Tests write their
     runs under their own tmp_path, never into the folder."""
+    return extracted(tmp_path_factory.mktemp("student-cache"), synthetic_root, STUDENT)
+
+
+def extracted(tmp: Path, synthetic_root: Path, student: str) -> tuple[Path, Path, Path]:
+    """(recipe, cache, tmp): the generated scenes split and extracted under `tmp` with the
+    two-teacher recipe and `student`'s sections."""
     from rsmtdf.data import open_dataset
     from rsmtdf.splits import make_splits
 
-    tmp = tmp_path_factory.mktemp("student-cache")
     make_splits(open_dataset("loveda", synthetic_root), tmp / "splits")
     recipe = write_recipe(tmp / "recipe.toml", synthetic_root, tmp / "splits", teachers=TEACHERS, sizes=SIZES,
-                          extra=STUDENT)
+                          extra=student)
     run_cli("extract-features", "-r", recipe, "-o", tmp / "cache", "--workers", "0", check=True)
     return recipe, tmp / "cache", tmp
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import rasterio
 import torch
-from conftest import run_cli, tiny_student
+from conftest import run_cli, tiny_student, write_recipe
 from rasterio.transform import from_origin
 from typer.testing import CliRunner
 
@@ -56,11 +56,8 @@ def folder_dataset(root: Path, bands: int = BANDS, tiles: int = 6) -> tuple[Path
     (splits / "half" / "unlabeled.txt").write_text("".join(f"s{k}\n" for k in range(2, tiles)))
     (splits / "val.txt").write_text("s1\n")
     (splits / "test.txt").write_text("s1\n")
-    recipe = root.parent / f"{root.name}.toml"
-    recipe.write_text(f'[data]\ndataset = "folder"\nroot = "{root}"\nsplits = "{splits}"\nclasses = ["land", "water"]\n'
-                      f'[views]\ncount = 2\ncrop_size = 56\n[teachers]\nnames = ["effnet_lite0"]\n'
-                      f'sizes = {{ effnet_lite0 = 56 }}\n{STUDENT}')
-    return root, recipe
+    return root, write_recipe(root.parent / f"{root.name}.toml", root, splits, dataset="folder",
+                              data='classes = ["land", "water"]', sizes="{ effnet_lite0 = 56 }", extra=STUDENT)
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import rasterio
 import torch
-from conftest import run_cli, tiny_student
+from conftest import run_cli, tiny_student, write_recipe
 from rasterio.transform import from_origin
 from test_errors import error_line
 
@@ -63,11 +63,8 @@ def scenes(tmp_path_factory) -> tuple[Path, Path]:
     (splits / "5pct" / "unlabeled.txt").write_text("t3\nt4\nt5\n")
     (splits / "val.txt").write_text("")
     (splits / "test.txt").write_text("")
-    recipe = root.parent / f"{root.name}.toml"
-    recipe.write_text(f'[data]\ndataset = "folder"\nroot = "{root}"\nsplits = "{splits}"\nclasses = ["land", "water"]\n'
-                      f'[views]\ncount = 2\ncrop_size = 56\n[teachers]\nnames = ["effnet_lite0"]\n'
-                      f'sizes = {{ effnet_lite0 = 56 }}\n{STUDENT}')
-    return root, recipe
+    return root, write_recipe(root.parent / f"{root.name}.toml", root, splits, dataset="folder",
+                              data='classes = ["land", "water"]', sizes="{ effnet_lite0 = 56 }", extra=STUDENT)
 
 
 def test_nan_and_nodata_pixels_are_masked_and_filled(scenes):

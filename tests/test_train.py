@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, run_cli, write_recipe
+from conftest import ROOT, extracted, run_cli, write_recipe
 from rsmtdf.data import open_dataset
 from rsmtdf.splits import make_splits
 
@@ -38,12 +38,7 @@ SIZES = "{ effnet_lite0 = 56, effnet_lite1 = 28 }"  # lite1 at 28 px: the CLIP-l
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory, synthetic_root):
     """A finalized cache of the generated scenes and a recipe with a tiny ViT student."""
-    tmp = tmp_path_factory.mktemp("train")
-    make_splits(open_dataset("loveda", synthetic_root), tmp / "splits")
-    recipe = write_recipe(tmp / "recipe.toml", synthetic_root, tmp / "splits", teachers=TEACHERS, sizes=SIZES,
-                          extra=STUDENT)
-    run_cli("extract-features", "-r", recipe, "-o", tmp / "cache", "--workers", "0", check=True)
-    return recipe, tmp / "cache", tmp
+    return extracted(tmp_path_factory.mktemp("train"), synthetic_root, STUDENT)
 
 
 def _train(setup, run: Path, *extra: str, check: bool = True, env: dict | None = None):
