@@ -113,12 +113,16 @@ def expected_attrs(dataset: dict, splits: dict, views: dict, teachers: list[dict
 
 def mismatch(found: dict, wanted: dict) -> str | None:
     """One phrase saying how a cache differs from what is asked for, or None if it matches."""
+    from .data import ClassTable
     from .scaling import scaling_mismatch  # scaling reads band statistics, which import this module
 
     fd, wd = found["dataset"], wanted["dataset"]
     if fd["name"] != wd["name"] or fd.get("ids_sha256") != wd.get("ids_sha256"):
         return f"it was made from dataset '{fd['name']}' ({fd['num_samples']} samples at {fd['root']}), " \
                f"not '{wd['name']}' ({wd['num_samples']} samples at {wd['root']})"
+    if "class_table" in fd and "class_table" in wd and \
+            (why := ClassTable.from_attrs(fd["class_table"]).difference(ClassTable.from_attrs(wd["class_table"]))):
+        return f"its class table differs: {why}"
     if found["splits"]["sha256"] != wanted["splits"]["sha256"]:
         return f"its split lists differ (sha256 {found['splits']['sha256'][:12]} vs {wanted['splits']['sha256'][:12]})"
     if found["views"] != wanted["views"]:

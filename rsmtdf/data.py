@@ -115,6 +115,21 @@ class ClassTable:
         return {"names": list(self.names), "codes": [[c, k] for c, k in self.codes.items()],
                 "colors": [[*c, k] for c, k in self.colors.items()], "palette": [list(c) for c in self.palette]}
 
+    def difference(self, other: ClassTable) -> str | None:
+        """How `other` would label the same masks otherwise (names, codes, colours; the palette only
+        draws), in a phrase, or None when it labels them alike."""
+        if self.names != other.names:
+            return f"classes {list(self.names)} vs {list(other.names)}"
+        for what, mine, theirs in (("code", self.codes, other.codes), ("colour", self.colors, other.colors)):
+            if changed := sorted((v, mine.get(v), theirs.get(v)) for v in {*mine, *theirs} if mine.get(v) != theirs.get(v)):
+                v, a, b = changed[0]
+                return f"mask {what} {v} means {self._meaning(a)} vs {self._meaning(b)}" + \
+                       (f" (and {len(changed) - 1} more)" if len(changed) > 1 else "")
+        return None
+
+    def _meaning(self, k: int | None) -> str:
+        return "nothing (refused)" if k is None else "ignore" if k == IGNORE else f"'{self.names[k]}'"
+
     @classmethod
     def from_attrs(cls, a: dict) -> ClassTable:
         return cls(tuple(a["names"]), {int(c): int(k) for c, k in a["codes"]},

@@ -35,7 +35,7 @@ from . import splits as splits_mod
 from .augment import blur_kernel_size, box_masks, draw_box, draw_strong, strong_batch
 from .cache import CacheReader, FeatureCache, mismatch
 from .checkpoint import load_checkpoint, save_checkpoint
-from .data import DATASETS, IGNORE, SegmentationDataset, check_bands, open_described, open_recipe_dataset
+from .data import DATASETS, IGNORE, SegmentationDataset, check_bands, class_table, open_described, open_recipe_dataset
 from .errors import RsmtdfError, worker_errors_as_lines
 from .evaluate import evaluate
 from .extract import view_table
@@ -249,6 +249,9 @@ class Trainer:
         if (why := mismatch(a, {**a, "input": self.scaling.teachers().record()})) is not None:
             raise RsmtdfError(f"{cache_path}: the recipe would feed other pixels than the cache's teachers saw: {why} "
                               f"({recipe.where('data.scaling')})")
+        if (why := mismatch(a, {**a, "dataset": {**ds, "class_table": class_table(recipe.data).to_attrs()}})) is not None:
+            raise RsmtdfError(f"{cache_path}: the recipe labels the masks otherwise than the cache was made with: {why} "
+                              f"({recipe.where('data.classes')})")
         self.class_names = list(ds["classes"])
         ids = self.cache.ids
         index = {sid: i for i, sid in enumerate(ids)}

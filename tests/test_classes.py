@@ -99,6 +99,14 @@ def test_with_codes_road_pixels_are_counted_and_the_model_trains(tmp_path):
 
     again = open_described(dict(zarr.open_group(str(tmp_path / "cache"), mode="r").attrs["dataset"]))
     assert (again.load(0).mask == 1).sum() == 8 * SIZE
+    # a recipe that reads the masks otherwise (255 ignored, not road) may not train from this cache
+    other = recipe_file(tmp_path / "other.toml", root, 'classes = ["background", "road"]\n'
+                        'codes = { background = 0, road = 1 }\nignore_codes = [255]', splits)
+    error_line(run_cli("train", "--cache", tmp_path / "cache", "--split", "10pct", "-r", other,
+                       "--run-dir", tmp_path / "run2", "--max-steps", "2"),
+               "cache", "labels the masks otherwise", "mask code 1 means nothing (refused) vs 'road'",
+               "(and 1 more)", "other.toml")
+    assert not (tmp_path / "run2" / "best.pt").exists()
 
 
 def test_an_undeclared_code_is_refused_naming_it_and_ignore_codes_become_ignore(tmp_path):
