@@ -31,11 +31,18 @@ def format_cache(cache: FeatureCache) -> str:
     state = "complete" if a.get("complete") and not missing else \
         f"INCOMPLETE: {len(missing)} of {cache.num_shards} shards missing {missing[:20]}" if missing else \
         "all shards written, not finalized (re-run extract-features to finalize)"
+    from .data import described_classes
+    from .scaling import BandScaling
+
     d = a["dataset"]
+    classes = described_classes(d)
+    tiles = f", tiles {d['tile']}² every {d.get('tile_stride', d['tile'])} px" if d.get("tile") else ""
     lines = [
         f"cache     {cache.url}",
         f"state     {state}",
-        f"dataset   {d['name']}: {d['num_samples']} samples at {d['root']} (ids sha256 {d['ids_sha256'][:12]})",
+        f"dataset   {d['name']}: {d['num_samples']} samples at {d['root']} (ids sha256 {d['ids_sha256'][:12]}){tiles}",
+        f"classes   {len(classes.names)}: {', '.join(classes.names)}",
+        f"input     {BandScaling.from_record(a['input']).describe() if 'input' in a else 'not recorded (a cache from before records)'}",
         f"splits    {a['splits']['dir']} (sha256 {a['splits']['sha256'][:12]})",
         f"views     {_views_line(a['views'])}",
         f"storage   {a['storage']}, {cache.num_shards} shards of {cache.shard_samples} samples",

@@ -192,6 +192,8 @@ def test_inspect_table_and_estimate_within_5_percent(tiny):
     assert "state     complete" in table and "loveda: 6 samples" in table
     assert re.search(r"effnet_lite0\s+tf_efficientnet_lite0 L3 @64\s+\(6, 2, 16, 112\)\s+float16", table)
     assert "2 per sample, crop 56" in table
+    assert "classes   7: background, building, road" in table
+    assert re.search(r"input     bands \[0, 1, 2\] of uint8 data", table), table
     est = run_cli("inspect", "--estimate", "-r", recipe, check=True).stdout
     predicted = _parse_bytes(re.search(r"on disk\s+([\d.]+ \w+)", est).group(1))
     real = sum(cache.bytes_stored(t["name"]) for t in cache.attrs["teachers"])

@@ -8,6 +8,7 @@ an unlabeled scene without a mask."""
 from __future__ import annotations
 
 import hashlib
+import re
 from pathlib import Path
 
 import numpy as np
@@ -204,7 +205,7 @@ def test_tiled_folder_extract_train_inspect_and_show(scenes, tmp_path):
     assert "2 tiles of the scenes hold only nodata" in out
     cli("train", "--cache", cache, "--split", "10pct", "-r", recipe, "--run-dir", tmp_path / "run", "--max-steps", "2")
     assert (tmp_path / "run" / "latest.pt").is_file()
-    assert "samples" in cli("inspect", cache)
+    assert re.search(r"samples at .*, tiles \d+² every \d+ px", cli("inspect", cache))
     picture = tmp_path / "show.png"
     cli("show", cache, "--sample", "unlabeled/u@64_64", "--out", picture)
     view = np.asarray(Image.open(picture).convert("RGB"))[:160, :160]
