@@ -212,3 +212,14 @@ def test_samples_subset_is_seeded(real_cache: Path, tmp_path: Path) -> None:
                                           (["--samples", "3"], "only with --stats")])
 def test_stats_option_errors_are_one_line(real_cache: Path, args: list[str], needle: str) -> None:
     error_line(run_cli("inspect", real_cache, *args), needle)
+
+
+def test_a_mask_that_cannot_be_read_is_reported_not_silently_dropped(tmp_path: Path) -> None:
+    masks = np.zeros((3, SIZE, SIZE), np.uint8)
+    masks[1, :4] = 7  # a code the class table neither names nor ignores: that mask is refused
+    cache = make_cache(tmp_path, {"t": np.ones((3, 1, GRID**2, 4), np.float32)}, [View(1.0, 0, 0)], masks=masks)
+    result = stats_of(cache)
+    assert result["samples_with_mask"] == 2 and result["masks_unread"]["samples"] == 1
+    assert "s1.png: mask code 7 (128 px)" in result["masks_unread"]["first"]
+    out = run_cli("inspect", tmp_path / "cache", "--stats", check=True).stdout
+    assert "masks not read for 1 of 3 samples" in out and "mask code 7" in out

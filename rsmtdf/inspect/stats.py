@@ -269,10 +269,12 @@ def compute_stats(cache: FeatureCache, dataset: SegmentationDataset | None, samp
     reader, ids = cache.reader(), cache.ids
     tile = a["dataset"].get("tile")
     where = {"sizes": 0, "masks": 0}
+    unread: list[str] = []  # why masks could not be read, one entry per sample
 
     for i in tqdm(order, desc=f"inspect {cache.url}", unit="sample", disable=not progress, dynamic_ncols=True):
         views = cache.views_of(i)
-        hw, mask = _sample_geometry(dataset, ids[i], tile)
+        hw, mask, why = _sample_geometry(dataset, ids[i], tile)
+        unread += [why] if why else []
         where["sizes"] += hw is not None
         where["masks"] += mask is not None
         chunks = []
@@ -300,6 +302,7 @@ def compute_stats(cache: FeatureCache, dataset: SegmentationDataset | None, samp
         "cache": cache.url, "storage": a["storage"], "samples": len(order), "of_samples": cache.num_samples,
         "views": cache.num_views, "seed": seed, "crop_size": crop, "seconds": round(time.perf_counter() - start, 2),
         "samples_with_size": where["sizes"], "samples_with_mask": where["masks"],
+        "masks_unread": {"samples": len(unread), "first": unread[0] if unread else None},
         "geometry": {n: asdict(g) for n, g in grids.items()},
         "features": {n: f.result() for n, f in feature.items()},
         "consistency": {n: c.result() for n, c in consistency.items()},
@@ -309,15 +312,16 @@ def compute_stats(cache: FeatureCache, dataset: SegmentationDataset | None, samp
 
 
 def _sample_geometry(dataset: SegmentationDataset | None, sample_id: str, tile: int | None):
-    """(height, width) and mask of a sample; None where the dataset cannot say."""
+    """(height, width), mask and why the mask could not be read, of a sample; None where the
+    dataset cannot say (no dataset at hand: no reason, since none was expected)."""
     if dataset is None:
-        return ((tile, tile) if tile else None), None
+        return ((tile, tile) if tile else None), None, None
     try:
         k = dataset.index(sample_id)
         hw = dataset.size_of(k)
-        return hw, dataset.load(k, with_mask=True).mask
-    except RsmtdfError:  # moved or partial dataset: features alone
-        return ((tile, tile) if tile else None), None
+        return hw, dataset.load(k, with_mask=True).mask, None
+    except RsmtdfError as exc:  # moved, partial or undecodable: features alone, and the reason reported
+        return ((tile, tile) if tile else None), None, str(exc)
 
 
 def write_json(result: dict, path: Path) -> Path:
@@ -375,8 +379,11 @@ def format_stats(result: dict, red=lambda s: s) -> str:
         for name, s in sep.items():
             lines.append(f"{name:<16}{_num(s['overall']):>9}" + "".join(f"{_num(s['classes'][c]['ratio']):>12}"
                                                                        for c in classes))
-    elif result["samples_with_mask"] == 0:
+    elif result["samples_with_mask"] == 0 and not result["masks_unread"]["samples"]:
         lines += ["", "class separation: no masks reachable (the dataset named in the cache is not at hand)"]
+    if unread := result["masks_unread"]["samples"]:
+        lines += ["", f"masks not read for {unread} of {result['samples']} samples, left out of the class separation "
+                      f"(first: {result['masks_unread']['first']})"]
     return "\n".join(lines)
 
 
