@@ -46,10 +46,11 @@ NODATA = 255
 PROB_SCALE = 254  # probabilities and confidence are stored as round(p * 254): 255 stays nodata
 BLOCK = 512  # COG tile size, and the column chunk of the blend band
 RASTER_SUFFIXES = (".tif", ".tiff", ".vrt", ".jp2", ".png", ".jpg", ".jpeg", ".img")
-# MB: GDAL's block cache, shared by the reader and the writer. It fills up to its limit on any scene
+# GDAL's block cache, shared by the reader and the writer. It fills up to its limit on any scene
 # large enough, so it is part of the peak; 16 MB holds the input blocks a few windows share, and
-# blocks the window rows share are decoded again instead of kept across the scene's width.
-GDAL_ENV = {"GDAL_CACHEMAX": 16}
+# blocks the window rows share are decoded again instead of kept across the scene's width. In
+# bytes: rasterio.Env hands the number to GDALSetCacheMax64 as it is (16 would be 16 bytes).
+GDAL_ENV = {"GDAL_CACHEMAX": 16 << 20}
 
 
 def load_trained(checkpoint: str | Path, which: str = "ema") -> tuple[Student, dict, Recipe]:
@@ -245,6 +246,7 @@ def blended_blocks(net: Student, path: Path, scaling: BandScaling, tiling: Tilin
                 yield from band.finish(i, j)
             run = 0 if item.images is None else len(item.images)
             progress(run, len(item.cells) - run)
+            probs = weights = item = None  # freed before the next batch runs, not while it runs
     finally:
         stop.set()
         while thread.is_alive():  # unblock a reader waiting on a full queue
@@ -259,8 +261,10 @@ def _probabilities(net: Student, images: torch.Tensor, device: str | torch.devic
     """(B, K, S, S) float32 softmax probabilities, under the same autocast as evaluation."""
     dev = torch.device(device)
     with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
-        logits = net(images.to(dev, non_blocking=True)).logits
-    return logits.float().softmax(1)
+        logits = net(images.to(dev, non_blocking=True)).logits.float()
+    # softmax in place: a second (B, K, S, S) tensor would be part of every batch's peak
+    logits.sub_(logits.amax(1, keepdim=True)).exp_()
+    return logits.div_(logits.sum(1, keepdim=True))
 
 
 def quantised(sums: torch.Tensor, kinds: tuple[str, ...]) -> dict[str, np.ndarray]:
