@@ -333,8 +333,9 @@ class _Writer:
     """Thread: finished blocks, already uint8 (`quantised`), → class map (and probabilities /
     confidence) in tiled GTiffs."""
 
-    def __init__(self, outputs: Outputs, profile: dict, class_names: list[str], colours: np.ndarray) -> None:
+    def __init__(self, outputs: Outputs, profile: dict, classes: ClassTable) -> None:
         self.outputs, self.nodata_pixels = outputs, 0
+        class_names, colours = list(classes.names), classes.colours()
         k = len(class_names)
         tags = {"classes": json.dumps(class_names)}
         self.files: dict[str, rasterio.io.DatasetWriter] = {}
@@ -423,7 +424,7 @@ def predict_scene(net: Student, path: Path, outputs: Outputs, scaling: BandScali
         bar.update(run + outside)
 
     try:
-        writer = _Writer(outputs, profile, list(classes.names), classes.colours())
+        writer = _Writer(outputs, profile, classes)
         try:
             with tqdm(total=total, desc=path.name, unit="win", leave=False) as bar:
                 kinds = tuple(writer.files)

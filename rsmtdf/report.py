@@ -8,6 +8,8 @@ from pathlib import Path
 import numpy as np
 
 from .cache import FeatureCache, TeacherLayout, raw_bytes_per_sample
+from .data import described_classes
+from .scaling import BandScaling
 
 
 def _bytes(n: float) -> str:
@@ -31,9 +33,6 @@ def format_cache(cache: FeatureCache) -> str:
     state = "complete" if a.get("complete") and not missing else \
         f"INCOMPLETE: {len(missing)} of {cache.num_shards} shards missing {missing[:20]}" if missing else \
         "all shards written, not finalized (re-run extract-features to finalize)"
-    from .data import described_classes
-    from .scaling import BandScaling
-
     d = a["dataset"]
     classes = described_classes(d)
     tiles = f", tiles {d['tile']}² every {d.get('tile_stride', d['tile'])} px" if d.get("tile") else ""
