@@ -47,7 +47,7 @@ from .scaling import BandScaling, dataset_scaling, extra_band_norm
 from .slurm import adopt_slurm_env
 from .teachers import Teacher, build_teachers
 from .tilecache import DecodedTiles
-from .views import View, apply_view
+from .views import View, apply_view, view_window
 
 MODES = ("cached", "online", "online-strong")
 
@@ -115,8 +115,10 @@ class ReplaySet(Dataset):
         view = View.from_array(self.views[i, a])
         sample = self.tiles.get((sid, not self.unlabeled),
                                 lambda: self.dataset.load(self.dataset.index(sid), with_mask=not self.unlabeled))
-        rgb = self.scaling.unit(sample.image, sample.valid)
-        image = torch.from_numpy(apply_view(rgb, view, self.crop))
+        shape = sample.image.shape[:2]
+        win = view_window(shape, view, self.crop)  # only the pixels the crop is made of are scaled
+        rgb = self.scaling.unit(sample.image[win], None if sample.valid is None else sample.valid[win])
+        image = torch.from_numpy(apply_view(rgb, view, self.crop, shape))
         item = {"image": image.permute(2, 0, 1).contiguous(), "index": i, "view": a}
         if self.unlabeled:  # padding and no-data pixels of the view are ignored in the unsupervised loss
             ignore = np.zeros(sample.image.shape[:2], np.uint8) if sample.valid is None else \

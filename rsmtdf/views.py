@@ -78,9 +78,116 @@ class ViewSpec:
         return cls(**{**attrs, "scale_range": tuple(attrs["scale_range"])})
 
 
-def apply_view(array: np.ndarray, view: View, crop_size: int) -> np.ndarray:
-    """The view's crop of an image (H×W×C → crop×crop×C float32, bilinear, padded with 0) or of a
-    label map (H×W → crop×crop uint8, nearest, padded with 255 = ignore)."""
+def _taps(n_in: int, n_out: int, first: int, count: int, mode: str) -> tuple[np.ndarray, np.ndarray]:
+    """Source pixels and weights, (count, K) each, of output pixels first..first+count-1 of torch's
+    resize from n_in to n_out px with align_corners=False: "nearest-exact", "bilinear", or
+    "antialias" (bilinear with torch's antialiasing triangle filter), the positions computed in
+    float32 as torch computes them."""
+    dst = np.arange(first, first + count)
+    if n_in == n_out:
+        return dst[:, None], np.ones((count, 1), np.float32)
+    scale = np.float32(n_in) / np.float32(n_out)
+    centre = (dst.astype(np.float32) + np.float32(0.5)) * scale
+    if mode == "nearest-exact":
+        return np.minimum(np.floor(centre).astype(np.int64), n_in - 1)[:, None], np.ones((count, 1), np.float32)
+    if mode == "bilinear":
+        # torch's kernels compute scale · (dst + 0.5) - 0.5 as one fused multiply-add: one rounding
+        src = np.maximum((np.float64(scale) * (dst + 0.5) - 0.5).astype(np.float32), np.float32(0))
+        i0 = np.minimum(np.floor(src).astype(np.int64), n_in - 1)
+        right = np.clip(src - i0, 0, 1).astype(np.float32)
+        return np.stack([i0, np.minimum(i0 + 1, n_in - 1)], 1), np.stack([1 - right, right], 1)
+    support, stretch = (float(scale), float(scale)) if scale >= 1 else (1.0, 1.0)
+    centre = centre.astype(np.float64)[:, None]
+    lo = np.maximum((centre - support + 0.5).astype(np.int64), 0)
+    size = np.minimum((centre + support + 0.5).astype(np.int64), n_in) - lo
+    j = np.arange(int(size.max()))
+    w = np.where(j < size, np.maximum(1 - np.abs((j + lo - centre + 0.5) / stretch), 0), 0)
+    return np.minimum(lo + j, n_in - 1), (w / w.sum(1, keepdims=True)).astype(np.float32)
+
+
+@dataclass(frozen=True)
+class Resampling:
+    """Where a view's crop comes from in a sample of shape (H, W): the source window it reads and,
+    for each output row and column that is not padding, the window's pixels and weights."""
+
+    window: tuple[slice, slice]
+    rows: tuple[np.ndarray, np.ndarray]
+    cols: tuple[np.ndarray, np.ndarray]
+
+    @classmethod
+    def of(cls, shape: tuple[int, int], view: View, crop_size: int, label: bool) -> Resampling:
+        oh, ow = resized_shape(*shape, view.scale)
+        mode = "nearest-exact" if label else "antialias" if view.scale < 1 else "bilinear"
+        rows = _taps(shape[0], oh, view.y0, max(min(crop_size, oh - view.y0), 0), mode)
+        cols = _taps(shape[1], ow, view.x0, max(min(crop_size, ow - view.x0), 0), mode)
+        (r0, r1), (c0, c1) = ((int(i.min()), int(i.max()) + 1) if i.size else (0, 0) for i, _ in (rows, cols))
+        return cls((slice(r0, r1), slice(c0, c1)), (rows[0] - r0, rows[1]), (cols[0] - c0, cols[1]))
+
+    def __call__(self, window: np.ndarray) -> np.ndarray:
+        """The resized pixels of the window: height first (whole rows gathered), then width."""
+        (ri, rw), (ci, cw) = self.rows, self.cols
+        if self.identity:
+            return window
+        if rw.shape[1] == 1 and cw.shape[1] == 1:  # nearest: a gather
+            return window[ri[:, 0]][:, ci[:, 0]]
+        return _weighted(_weighted(window.astype(np.float32, copy=False), ri, rw, axis=0), ci, cw, axis=1)
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return tuple(s.stop - s.start for s in self.window)
+
+    @property
+    def identity(self) -> bool:
+        """The window is the crop itself (scale 1)."""
+        (ri, rw), (ci, cw) = self.rows, self.cols
+        return rw.shape[1] == cw.shape[1] == 1 and (np.diff(ri[:, 0]) == 1).all() and (np.diff(ci[:, 0]) == 1).all()
+
+
+def _weighted(x: np.ndarray, index: np.ndarray, weight: np.ndarray, axis: int) -> np.ndarray:
+    """Sum over k of x's pixels `index[:, k]` along `axis` times `weight[:, k]`, in k's order."""
+    shape = (-1,) + (1,) * (x.ndim - 1) if axis == 0 else (1, -1) + (1,) * (x.ndim - 2)
+    out = np.take(x, index[:, 0], axis) * weight[:, 0].reshape(shape)
+    for k in range(1, index.shape[1]):
+        out += np.take(x, index[:, k], axis) * weight[:, k].reshape(shape)
+    return out
+
+
+def apply_view(array: np.ndarray, view: View, crop_size: int, shape: tuple[int, int] | None = None) -> np.ndarray:
+    """The view's crop of an image (H×W×C → crop×crop×C float32, bilinear, antialiased when shrunk,
+    padded with 0) or of a label map (H×W → crop×crop uint8, nearest, padded with 255 = ignore).
+
+    The same crop as resizing the whole sample with torch's `F.interpolate` and cropping it
+    (`resize_and_crop`, to float rounding), but it reads only the pixels the crop needs: `array` may
+    be the sample's `view_window` alone, with `shape` the sample's (H, W)."""
+    is_label = array.ndim == 2
+    whole = tuple(shape or array.shape[:2])
+    plan = Resampling.of(whole, view, crop_size, is_label)
+    if plan.size == whole and view.scale < 1 and not is_label:
+        return resize_and_crop(array, view, crop_size)  # all of it is read: torch's antialiasing kernel is faster
+    if array.shape[:2] == whole:
+        array = array[plan.window]
+    elif array.shape[:2] != plan.size:
+        raise ValueError(f"a {array.shape[:2]} array is neither the {whole} sample nor the view's window {plan.size}")
+    pixels = plan(array)
+    out = np.full((crop_size, crop_size, *array.shape[2:]), IGNORE if is_label else 0,
+                  np.uint8 if is_label else np.float32)
+    out[: pixels.shape[0], : pixels.shape[1]] = pixels
+    if view.hflip:
+        out = out[:, ::-1]
+    if view.rot90:
+        out = np.rot90(out, view.rot90, axes=(0, 1))
+    return np.ascontiguousarray(out)
+
+
+def view_window(shape: tuple[int, int], view: View, crop_size: int) -> tuple[slice, slice]:
+    """The pixels of a (H, W) sample that the view's crop is made of (images; masks read fewer),
+    so a loader can scale or decode just those."""
+    return Resampling.of(shape, view, crop_size, label=False).window
+
+
+def resize_and_crop(array: np.ndarray, view: View, crop_size: int) -> np.ndarray:
+    """The definition `apply_view` computes: resize the whole sample with `F.interpolate`, pad,
+    crop, flip, rotate. Kept for the tests and the benchmark's "before"."""
     is_label = array.ndim == 2
     h, w = array.shape[:2]
     oh, ow = resized_shape(h, w, view.scale)

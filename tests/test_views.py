@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
-from rsmtdf.views import View, ViewSpec, apply_view, resized_shape
+from rsmtdf.views import View, ViewSpec, apply_view, resize_and_crop, resized_shape, view_window
 
 
 def test_views_are_seeded_per_sample_and_order_free():
@@ -45,3 +46,31 @@ def test_apply_view_mask_nearest_keeps_labels():
     assert set(np.unique(m)) <= set(range(7))
     up = apply_view(mask, View(2.0, 0, 0), 64)
     assert np.array_equal(up, np.repeat(np.repeat(mask, 2, 0), 2, 1))
+
+
+def test_apply_view_is_the_whole_sample_resized_by_torch_then_cropped():
+    """apply_view reads only its window, yet makes the crop that resizing the whole sample with
+    F.interpolate makes (`resize_and_crop`): to one float32 rounding for images (bilinear up,
+    antialiased down), exactly for label maps, over odd sizes, crops larger than the sample,
+    flips and rotations, and 16-bit multiband input."""
+    rng = np.random.default_rng(0)
+    for h, w in [(1024, 1024), (300, 517), (37, 61), (8, 8)]:
+        image = rng.integers(0, 65535, (h, w, 4)).astype(np.uint16)
+        mask = rng.integers(0, 7, (h, w)).astype(np.uint8)
+        for crop in (518, 56, 10):
+            for v in ViewSpec(6, crop, rot90=True).sample(f"{h}x{w}@{crop}", h, w):
+                got, want = apply_view(image, v, crop), resize_and_crop(image, v, crop)
+                assert got.shape == want.shape and got.dtype == want.dtype == np.float32
+                assert np.allclose(got, want, rtol=1e-6, atol=0), (h, w, crop, v)
+                assert np.array_equal(apply_view(mask, v, crop), resize_and_crop(mask, v, crop)), (h, w, crop, v)
+
+
+def test_apply_view_on_its_window_alone_gives_the_same_crop():
+    rng = np.random.default_rng(1)
+    image = rng.random((400, 300, 3), dtype=np.float32)
+    for v in ViewSpec(8, 96).sample("s", 400, 300):
+        win = view_window((400, 300), v, 96)
+        assert np.array_equal(apply_view(image[win], v, 96, (400, 300)), apply_view(image, v, 96))
+    v = View(2.0, 10, 10)
+    with pytest.raises(ValueError, match="window"):
+        apply_view(image[:30, :30], v, 96, (400, 300))
