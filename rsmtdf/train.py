@@ -46,7 +46,7 @@ from .runs import check_schedule, claim_run_dir, truncate_metrics
 from .scaling import BandScaling, dataset_scaling, extra_band_norm
 from .slurm import adopt_slurm_env
 from .teachers import Teacher, build_teachers
-from .tilecache import DecodedTiles
+from .tilecache import DecodedTiles, keep_freed_buffers
 from .views import View, apply_view, view_window
 
 MODES = ("cached", "online", "online-strong")
@@ -336,7 +336,7 @@ class Trainer:
         """Loaders over `self.sets`; their workers live across epochs (the sampler carries the epoch)."""
         workers = self.recipe.train.workers
         return {k: DataLoader(s, batch_size=self.batch, sampler=self.samplers[k], drop_last=True,
-                              num_workers=workers, persistent_workers=workers > 0,
+                              num_workers=workers, persistent_workers=workers > 0, worker_init_fn=keep_freed_buffers,
                               pin_memory=self.device.type == "cuda") for k, s in self.sets.items()}
 
     # -- checks and identity --
