@@ -543,9 +543,10 @@ def to_unit_rgb(image: np.ndarray, bands: tuple[int, ...] = (0, 1, 2), max_value
     rgb = image[..., list(bands)].astype(np.float32)
     if low is not None:
         rgb -= np.asarray(low, np.float32)
-    rgb = np.clip(rgb / max_value, 0.0, 1.0)
-    invalid = np.isnan(rgb).any(axis=2)
+    rgb = np.clip(rgb / max_value, 0.0, 1.0, out=rgb)
+    invalid = None if np.issubdtype(image.dtype, np.integer) else np.isnan(rgb).any(axis=2)  # integers hold no NaN
     if valid is not None:
-        invalid |= ~valid
-    rgb[invalid] = fill
+        invalid = ~valid if invalid is None else invalid | ~valid
+    if invalid is not None:
+        rgb[invalid] = fill
     return rgb

@@ -35,7 +35,7 @@ from . import splits as splits_mod
 from .augment import blur_kernel_size, box_masks, draw_box, draw_strong, strong_batch
 from .cache import CacheReader, FeatureCache, mismatch
 from .checkpoint import load_checkpoint, save_checkpoint
-from .data import DATASETS, IGNORE, SegmentationDataset, check_bands, class_table, open_described, open_recipe_dataset
+from .data import DATASETS, IGNORE, Sample, SegmentationDataset, check_bands, class_table, open_described, open_recipe_dataset
 from .errors import RsmtdfError, worker_errors_as_lines
 from .evaluate import evaluate
 from .extract import view_table
@@ -47,7 +47,7 @@ from .scaling import BandScaling, dataset_scaling, extra_band_norm
 from .slurm import adopt_slurm_env
 from .teachers import Teacher, build_teachers
 from .tilecache import DecodedTiles, keep_freed_buffers
-from .views import View, apply_view, view_window
+from .views import View, view_tensor, view_window
 
 MODES = ("cached", "online", "online-strong")
 
@@ -86,6 +86,19 @@ def cutmix_box(size: int, snap: int, rng: np.random.Generator, p: float = 0.5) -
     return box_masks(draw_box(size, snap, rng, p)[None], size)[0]
 
 
+def view_pixels(sample: Sample, view: View, crop: int, scaling: BandScaling,
+                labeled: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """A view's crop (C, crop, crop) in [0, 1] and its labels (crop, crop): the mask's, or for an
+    unlabeled sample 0 with 255 (ignored) on padding and no-data pixels. Only the window of pixels
+    the crop is made of is scaled."""
+    shape = sample.image.shape[:2]
+    win = view_window(shape, view, crop)
+    rgb = scaling.unit(sample.image[win], None if sample.valid is None else sample.valid[win])
+    labels = sample.mask if labeled else np.zeros(shape, np.uint8) if sample.valid is None else \
+        np.where(sample.valid, 0, IGNORE).astype(np.uint8)
+    return view_tensor(rgb, view, crop, shape), view_tensor(labels, view, crop)
+
+
 class ReplaySet(Dataset):
     """Samples of one split list, each step showing one of the sample's stored views.
 
@@ -115,19 +128,11 @@ class ReplaySet(Dataset):
         view = View.from_array(self.views[i, a])
         sample = self.tiles.get((sid, not self.unlabeled),
                                 lambda: self.dataset.load(self.dataset.index(sid), with_mask=not self.unlabeled))
-        shape = sample.image.shape[:2]
-        win = view_window(shape, view, self.crop)  # only the pixels the crop is made of are scaled
-        rgb = self.scaling.unit(sample.image[win], None if sample.valid is None else sample.valid[win])
-        image = torch.from_numpy(apply_view(rgb, view, self.crop, shape))
-        item = {"image": image.permute(2, 0, 1).contiguous(), "index": i, "view": a}
-        if self.unlabeled:  # padding and no-data pixels of the view are ignored in the unsupervised loss
-            ignore = np.zeros(sample.image.shape[:2], np.uint8) if sample.valid is None else \
-                np.where(sample.valid, 0, IGNORE).astype(np.uint8)
-            item["mask"] = torch.from_numpy(apply_view(ignore, view, self.crop))
+        image, mask = view_pixels(sample, view, self.crop, self.scaling, labeled=not self.unlabeled)
+        item = {"image": image, "mask": mask, "index": i, "view": a}
+        if self.unlabeled:
             item["strong"] = draw_strong(rng)  # parameters only: the pixels are done batched on the device
             item["box"] = draw_box(self.crop, self.snap, rng)
-        else:
-            item["mask"] = torch.from_numpy(apply_view(sample.mask, view, self.crop))
         if self.reader is not None:
             item["targets"] = {k: torch.from_numpy(v) for k, v in self.reader.read(i, a, as_stored=True).items()}
         return item

@@ -78,120 +78,123 @@ class ViewSpec:
         return cls(**{**attrs, "scale_range": tuple(attrs["scale_range"])})
 
 
-def _taps(n_in: int, n_out: int, first: int, count: int, mode: str) -> tuple[np.ndarray, np.ndarray]:
-    """Source pixels and weights, (count, K) each, of output pixels first..first+count-1 of torch's
-    resize from n_in to n_out px with align_corners=False: "nearest-exact", "bilinear", or
-    "antialias" (bilinear with torch's antialiasing triangle filter), the positions computed in
-    float32 as torch computes them."""
+def _sources(n_in: int, n_out: int, first: int, count: int, label: bool) -> np.ndarray:
+    """Where output pixels first..first+count-1 of torch's resize from n_in to n_out px
+    (align_corners=False) read their input, computed in float32 as torch computes it: the pixel
+    index for nearest-exact (labels), the fractional position for bilinear (images); the pixel
+    itself where the size does not change."""
     dst = np.arange(first, first + count)
     if n_in == n_out:
-        return dst[:, None], np.ones((count, 1), np.float32)
+        return dst
     scale = np.float32(n_in) / np.float32(n_out)
-    centre = (dst.astype(np.float32) + np.float32(0.5)) * scale
-    if mode == "nearest-exact":
-        return np.minimum(np.floor(centre).astype(np.int64), n_in - 1)[:, None], np.ones((count, 1), np.float32)
-    if mode == "bilinear":
-        # torch's kernels compute scale · (dst + 0.5) - 0.5 as one fused multiply-add: one rounding
-        src = np.maximum((np.float64(scale) * (dst + 0.5) - 0.5).astype(np.float32), np.float32(0))
-        i0 = np.minimum(np.floor(src).astype(np.int64), n_in - 1)
-        right = np.clip(src - i0, 0, 1).astype(np.float32)
-        return np.stack([i0, np.minimum(i0 + 1, n_in - 1)], 1), np.stack([1 - right, right], 1)
-    support, stretch = (float(scale), float(scale)) if scale >= 1 else (1.0, 1.0)
-    centre = centre.astype(np.float64)[:, None]
-    lo = np.maximum((centre - support + 0.5).astype(np.int64), 0)
-    size = np.minimum((centre + support + 0.5).astype(np.int64), n_in) - lo
-    j = np.arange(int(size.max()))
-    w = np.where(j < size, np.maximum(1 - np.abs((j + lo - centre + 0.5) / stretch), 0), 0)
-    return np.minimum(lo + j, n_in - 1), (w / w.sum(1, keepdims=True)).astype(np.float32)
+    if label:
+        return np.minimum(np.floor((dst.astype(np.float32) + np.float32(0.5)) * scale).astype(np.int64), n_in - 1)
+    # torch computes scale · (dst + 0.5) - 0.5 as one fused multiply-add: rounded once
+    return np.maximum((np.float64(scale) * (dst + 0.5) - 0.5).astype(np.float32), np.float32(0))
 
 
 @dataclass(frozen=True)
 class Resampling:
-    """Where a view's crop comes from in a sample of shape (H, W): the source window it reads and,
-    for each output row and column that is not padding, the window's pixels and weights."""
+    """Where a view's crop comes from in an (H, W) sample: the window of pixels it reads and, for
+    each output row and column that is not padding, its source (`_sources`) in the window."""
 
     window: tuple[slice, slice]
-    rows: tuple[np.ndarray, np.ndarray]
-    cols: tuple[np.ndarray, np.ndarray]
+    rows: np.ndarray
+    cols: np.ndarray
+    identity: bool = False  # scale 1: the window is the crop
 
     @classmethod
     def of(cls, shape: tuple[int, int], view: View, crop_size: int, label: bool) -> Resampling:
+        if view.scale < 1 and not label:  # a shrunk view is antialiased over the whole sample
+            return cls((slice(0, shape[0]), slice(0, shape[1])), np.empty(0), np.empty(0))
         oh, ow = resized_shape(*shape, view.scale)
-        mode = "nearest-exact" if label else "antialias" if view.scale < 1 else "bilinear"
-        rows = _taps(shape[0], oh, view.y0, max(min(crop_size, oh - view.y0), 0), mode)
-        cols = _taps(shape[1], ow, view.x0, max(min(crop_size, ow - view.x0), 0), mode)
-        (r0, r1), (c0, c1) = ((int(i.min()), int(i.max()) + 1) if i.size else (0, 0) for i, _ in (rows, cols))
-        return cls((slice(r0, r1), slice(c0, c1)), (rows[0] - r0, rows[1]), (cols[0] - c0, cols[1]))
-
-    def __call__(self, window: np.ndarray) -> np.ndarray:
-        """The resized pixels of the window: height first (whole rows gathered), then width."""
-        (ri, rw), (ci, cw) = self.rows, self.cols
-        if self.identity:
-            return window
-        if rw.shape[1] == 1 and cw.shape[1] == 1:  # nearest: a gather
-            return window[ri[:, 0]][:, ci[:, 0]]
-        return _weighted(_weighted(window.astype(np.float32, copy=False), ri, rw, axis=0), ci, cw, axis=1)
+        rows = _sources(shape[0], oh, view.y0, max(min(crop_size, oh - view.y0), 0), label)
+        cols = _sources(shape[1], ow, view.x0, max(min(crop_size, ow - view.x0), 0), label)
+        (r0, r1), (c0, c1) = (_span(p, n) for p, n in ((rows, shape[0]), (cols, shape[1])))
+        return cls((slice(r0, r1), slice(c0, c1)), rows - r0, cols - c0, (oh, ow) == tuple(shape))
 
     @property
     def size(self) -> tuple[int, int]:
-        return tuple(s.stop - s.start for s in self.window)
+        return self.window[0].stop - self.window[0].start, self.window[1].stop - self.window[1].start
 
-    @property
-    def identity(self) -> bool:
-        """The window is the crop itself (scale 1)."""
-        (ri, rw), (ci, cw) = self.rows, self.cols
-        return rw.shape[1] == cw.shape[1] == 1 and (np.diff(ri[:, 0]) == 1).all() and (np.diff(ci[:, 0]) == 1).all()
+    def __call__(self, window: np.ndarray, flip: bool) -> torch.Tensor:
+        """The crop's pixels (no padding), mirrored left-right if `flip`: from an (h, w, C) image
+        window (C, rows, cols) float32 sampled bilinearly at the sources; from an (h, w) label
+        window (rows, cols) gathered."""
+        cols = self.cols[::-1] if flip else self.cols
+        if window.ndim == 2:
+            return torch.from_numpy(np.ascontiguousarray(window[self.rows][:, cols]))
+        t = _tensor(window).permute(2, 0, 1).float()
+        if self.identity:
+            return t.flip(-1) if flip else t
+        h, w = t.shape[1:]
+        gy, gx = (torch.from_numpy((2 * p.astype(np.float64) + 1) / n - 1).float()
+                  for p, n in ((self.rows, h), (cols, w)))
+        grid = torch.stack([gx.expand(len(gy), -1), gy[:, None].expand(-1, len(gx))], -1)
+        return F.grid_sample(t.contiguous()[None], grid[None], mode="bilinear", padding_mode="border",
+                             align_corners=False)[0]
 
 
-def _weighted(x: np.ndarray, index: np.ndarray, weight: np.ndarray, axis: int) -> np.ndarray:
-    """Sum over k of x's pixels `index[:, k]` along `axis` times `weight[:, k]`, in k's order."""
-    shape = (-1,) + (1,) * (x.ndim - 1) if axis == 0 else (1, -1) + (1,) * (x.ndim - 2)
-    out = np.take(x, index[:, 0], axis) * weight[:, 0].reshape(shape)
-    for k in range(1, index.shape[1]):
-        out += np.take(x, index[:, k], axis) * weight[:, k].reshape(shape)
-    return out
+def _tensor(array: np.ndarray) -> torch.Tensor:
+    """The array as a tensor without a copy where its strides allow (numpy's band selection leaves
+    images channel-first in memory: a copy to H×W×C and back would cost more than the resize)."""
+    return torch.from_numpy(array if min(array.strides, default=0) >= 0 else np.ascontiguousarray(array))
 
 
-def apply_view(array: np.ndarray, view: View, crop_size: int, shape: tuple[int, int] | None = None) -> np.ndarray:
-    """The view's crop of an image (H×W×C → crop×crop×C float32, bilinear, antialiased when shrunk,
-    padded with 0) or of a label map (H×W → crop×crop uint8, nearest, padded with 255 = ignore).
+def _span(sources: np.ndarray, n: int) -> tuple[int, int]:
+    """The input pixels [start, stop) that sources read (a bilinear one reads its pixel and the next)."""
+    if not sources.size:
+        return 0, 0
+    last = int(np.floor(sources.max()))
+    return int(np.floor(sources.min())), min(last + (sources.dtype != np.int64), n - 1) + 1
 
-    The same crop as resizing the whole sample with torch's `F.interpolate` and cropping it
-    (`resize_and_crop`, to float rounding), but it reads only the pixels the crop needs: `array` may
-    be the sample's `view_window` alone, with `shape` the sample's (H, W)."""
+
+def view_tensor(array: np.ndarray, view: View, crop_size: int, shape: tuple[int, int] | None = None) -> torch.Tensor:
+    """The view's crop of an H×W×C image (C×crop×crop float32: bilinear, antialiased when shrunk,
+    padded with 0) or of an H×W label map (crop×crop uint8: nearest, padded with 255 = ignore).
+
+    The crop `resize_and_crop` makes by resizing the whole sample with `F.interpolate`: the same
+    for shrunk views and label maps, the same to 1e-4 of the range for enlarged ones (`grid_sample`
+    at torch's source positions, in float32), for which it reads only
+    the view's window: `array` may be that window alone, with `shape` the sample's (H, W)."""
     is_label = array.ndim == 2
     whole = tuple(shape or array.shape[:2])
+    if view.scale < 1 and not is_label:
+        return _resized_crop(array, view, crop_size)
     plan = Resampling.of(whole, view, crop_size, is_label)
-    if plan.size == whole and view.scale < 1 and not is_label:
-        return resize_and_crop(array, view, crop_size)  # all of it is read: torch's antialiasing kernel is faster
     if array.shape[:2] == whole:
         array = array[plan.window]
     elif array.shape[:2] != plan.size:
         raise ValueError(f"a {array.shape[:2]} array is neither the {whole} sample nor the view's window {plan.size}")
-    pixels = plan(array)
-    out = np.full((crop_size, crop_size, *array.shape[2:]), IGNORE if is_label else 0,
-                  np.uint8 if is_label else np.float32)
-    out[: pixels.shape[0], : pixels.shape[1]] = pixels
-    if view.hflip:
-        out = out[:, ::-1]
-    if view.rot90:
-        out = np.rot90(out, view.rot90, axes=(0, 1))
-    return np.ascontiguousarray(out)
+    pixels = plan(array, view.hflip)
+    out = torch.full(((crop_size,) * 2) if is_label else (array.shape[2], crop_size, crop_size),
+                     IGNORE if is_label else 0, dtype=torch.uint8 if is_label else torch.float32)
+    h, w = pixels.shape[-2:]
+    if view.hflip:  # mirrored: the padding right of the sample is now left of it
+        out[..., :h, crop_size - w :] = pixels
+    else:
+        out[..., :h, :w] = pixels
+    return torch.rot90(out, view.rot90, dims=(-2, -1)).contiguous() if view.rot90 else out
+
+
+def apply_view(array: np.ndarray, view: View, crop_size: int, shape: tuple[int, int] | None = None) -> np.ndarray:
+    """`view_tensor` as numpy, H×W×C → crop×crop×C (or H×W → crop×crop), for pictures and tests."""
+    t = view_tensor(array, view, crop_size, shape)
+    return (t if t.ndim == 2 else t.permute(1, 2, 0)).contiguous().numpy()
 
 
 def view_window(shape: tuple[int, int], view: View, crop_size: int) -> tuple[slice, slice]:
-    """The pixels of a (H, W) sample that the view's crop is made of (images; masks read fewer),
-    so a loader can scale or decode just those."""
+    """The pixels of an (H, W) sample that the view's image crop is made of (the whole sample for
+    shrunk views), so a loader can scale just those."""
     return Resampling.of(shape, view, crop_size, label=False).window
 
 
-def resize_and_crop(array: np.ndarray, view: View, crop_size: int) -> np.ndarray:
-    """The definition `apply_view` computes: resize the whole sample with `F.interpolate`, pad,
-    crop, flip, rotate. Kept for the tests and the benchmark's "before"."""
+def _resized_crop(array: np.ndarray, view: View, crop_size: int) -> torch.Tensor:
+    """`resize_and_crop` as a tensor (C×crop×crop, or crop×crop for label maps)."""
     is_label = array.ndim == 2
     h, w = array.shape[:2]
     oh, ow = resized_shape(h, w, view.scale)
-    t = torch.from_numpy(np.ascontiguousarray(array))
+    t = _tensor(array)
     t = t[None, None].float() if is_label else t.permute(2, 0, 1)[None].float()
     if (oh, ow) != (h, w):
         if is_label:
@@ -201,14 +204,23 @@ def resize_and_crop(array: np.ndarray, view: View, crop_size: int) -> np.ndarray
     pad_h, pad_w = max(crop_size - oh, 0), max(crop_size - ow, 0)
     if pad_h or pad_w:
         t = F.pad(t, (0, pad_w, 0, pad_h), value=float(IGNORE) if is_label else 0.0)
-    t = t[0, :, view.y0 : view.y0 + crop_size, view.x0 : view.x0 + crop_size]
+    t = _flip_rotate(t[0, :, view.y0 : view.y0 + crop_size, view.x0 : view.x0 + crop_size], view)
+    return t[0].round().to(torch.uint8) if is_label else t
+
+
+def _flip_rotate(t: torch.Tensor, view: View) -> torch.Tensor:
     if view.hflip:
         t = t.flip(-1)
     if view.rot90:
         t = torch.rot90(t, view.rot90, dims=(-2, -1))
-    if is_label:
-        return t[0].round().to(torch.uint8).numpy()
-    return t.permute(1, 2, 0).contiguous().numpy()
+    return t.contiguous()
+
+
+def resize_and_crop(array: np.ndarray, view: View, crop_size: int) -> np.ndarray:
+    """The definition of a view's crop: resize the whole sample with `F.interpolate`, pad, crop,
+    flip, rotate. `view_tensor` computes it; this is kept for the tests and the benchmark."""
+    t = _resized_crop(array, view, crop_size)
+    return (t if t.ndim == 2 else t.permute(1, 2, 0)).contiguous().numpy()
 
 
 def render_views(image: np.ndarray, views: list[View], crop_size: int) -> np.ndarray:

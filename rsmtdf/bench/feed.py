@@ -7,14 +7,18 @@ from other processes inflates it less than wall time), each part of the data pat
 
 - decode          `dataset.load` of the step's 16 tiles; after, from the worker's `DecodedTiles`
                   (a later epoch: every tile already decoded once);
-- views           `to_unit_rgb` + `apply_view` of image and mask;
+- views           before, `to_unit_rgb` of the whole tile and `views.resize_and_crop` (the whole
+                  tile resized) of image and mask; after, `train.view_pixels` (the view's window
+                  alone scaled and resampled, `views.apply_view`);
 - strong (worker) what the loader worker spends on strong augmentation and CutMix: before, the
                   per-sample torchvision pixels (`train.strong_augment`, `cutmix_box`); after, the
                   draws alone (`augment.draw_strong`, `draw_box`);
 - strong (device) after: `augment.strong_batch` + `box_masks` on the batch, which runs on the
                   training device (timed on this CPU when there is no GPU; not loader work);
 - cache reads     `CacheReader.read` of the step's 16 (sample, view) targets: before, Blosc-zstd
-                  and float32 conversion; after, the current default codec and float16;
+                  through zarr and float32 conversion; after, the current default codec, read
+                  straight from the shard files (`shardfile`), float16, in a process that keeps
+                  freed buffers as loader workers do (`tilecache.keep_freed_buffers`);
 - collate         `default_collate` of both batches;
 - pin + copy      the copy into page-locked memory (measured as a memcpy of the batch's bytes on a
                   machine without CUDA) and the host→device transfer (measured on a GPU, otherwise
@@ -124,9 +128,10 @@ def bench_feed(ctx: Context) -> dict:
     from ..augment import box_masks, draw_box, draw_strong, strong_batch
     from ..cache import CacheReader, default_compressor
     from ..data import to_unit_rgb
-    from ..tilecache import DecodedTiles
-    from ..train import EpochSampler, ReplaySet, _rng, cutmix_box, strong_augment
-    from ..views import View, ViewSpec, apply_view
+    from ..scaling import BandScaling
+    from ..tilecache import DecodedTiles, keep_freed_buffers
+    from ..train import EpochSampler, ReplaySet, _rng, cutmix_box, strong_augment, view_pixels
+    from ..views import View, ViewSpec, apply_view, resize_and_crop
 
     f = FEED_SIZES["quick" if ctx.sizes.name == "quick" else "paper"]
     crop, batch, reps = f["crop"], f["batch"], f["repeats"]
@@ -163,11 +168,17 @@ def bench_feed(ctx: Context) -> dict:
         for (i, _), k in zip(step, index):
             tiles.get((ids[i], True), lambda k=k: ds.load(k))
 
-    def render():
+    def render_whole():
         for s, (i, v) in zip(samples, step):
             view = View.from_array(views[i, v])
-            apply_view(to_unit_rgb(s.image, (0, 1, 2), None, s.valid), view, crop)
-            apply_view(s.mask, view, crop)
+            resize_and_crop(to_unit_rgb(s.image, (0, 1, 2), None, s.valid), view, crop)
+            resize_and_crop(s.mask, view, crop)
+
+    scaling = BandScaling().resolved("uint8")
+
+    def render_window():
+        for j, (s, (i, v)) in enumerate(zip(samples, step)):
+            view_pixels(s, View.from_array(views[i, v]), crop, scaling, labeled=j < batch)
 
     def strong_before():
         for j in unl:
@@ -215,17 +226,17 @@ def bench_feed(ctx: Context) -> dict:
     nbytes = {w: sum(t.numel() * t.element_size() for c in cs for t in _tensors(c)) for w, cs in collated.items()}
     copy = _copy_ms(collated, reps, ctx.device)
 
-    parts = {
-        "decode": {"before": _cpu_ms(decode, reps), "after": _cpu_ms(decode_kept, reps)},
-        "views": {"before": _cpu_ms(render, reps)},
-        "strong+cutmix (worker)": {"before": _cpu_ms(strong_before, reps), "after": _cpu_ms(strong_after, reps)},
-        "cache reads": {"before": _cpu_ms(reads("before"), reps), "after": _cpu_ms(reads("after"), reps)},
-        "collate": {w: _cpu_ms(lambda b=b: (default_collate(b[:batch]), default_collate(b[batch:])), reps)
-                    for w, b in batches.items()},
-        "pin (host memcpy)": {w: copy[w]["pin_ms"] for w in ("before", "after")},
-    }
-    for p in parts.values():
-        p.setdefault("after", p["before"])
+    def collate(which: str) -> Callable[[], object]:
+        return lambda: (default_collate(batches[which][:batch]), default_collate(batches[which][batch:]))
+
+    runs = {"decode": (decode, decode_kept), "views": (render_whole, render_window),
+            "strong+cutmix (worker)": (strong_before, strong_after),
+            "cache reads": (reads("before"), reads("after")), "collate": (collate("before"), collate("after"))}
+    parts = {k: {"before": _cpu_ms(before, reps)} for k, (before, _) in runs.items()}
+    keep_freed_buffers()  # from here on this process allocates as loader workers now do
+    for k, (_, after) in runs.items():
+        parts[k]["after"] = _cpu_ms(after, reps)
+    parts["pin (host memcpy)"] = {w: copy[w]["pin_ms"] for w in ("before", "after")}
     loader = {w: sum(p[w] for p in parts.values()) / 1e3 for w in ("before", "after")}
     device_ms = {"strong+cutmix (device, batched)": _cpu_ms(strong_device, reps),
                  "host→device transfer": copy["after"]["transfer_ms"]}
@@ -286,6 +297,7 @@ def _loader_rates(ds, ids, views, crop, reader, batch, snap, steps, worker_count
                   ReplaySet) -> dict[int, float]:
     """Steps/s of the real labeled + unlabeled loaders (ReplaySet, EpochSampler) per worker count."""
     from ..scaling import BandScaling
+    from ..tilecache import keep_freed_buffers
 
     n = len(ids)
     common = dict(dataset=ds, ids=ids, cache_index={s: i for i, s in enumerate(ids)}, views=views,
@@ -295,7 +307,8 @@ def _loader_rates(ds, ids, views, crop, reader, batch, snap, steps, worker_count
     for workers in worker_counts:
         sets = [ReplaySet(unlabeled=u, **common) for u in (False, True)]
         loaders = [DataLoader(s, batch_size=batch, sampler=EpochSampler(n, 0, 0, 1), drop_last=True,
-                              num_workers=workers, persistent_workers=True, prefetch_factor=2) for s in sets]
+                              num_workers=workers, persistent_workers=True, prefetch_factor=2,
+                              worker_init_fn=keep_freed_buffers) for s in sets]
         its = [iter(_forever(loader)) for loader in loaders]
         for it in its:  # start-up: workers spawned, first batches decoded
             next(it)
