@@ -22,6 +22,7 @@ from typing import Sequence
 
 import numpy as np
 import rasterio
+import torch
 from rasterio.errors import NotGeoreferencedWarning, RasterioIOError
 from rasterio.windows import Window
 
@@ -533,20 +534,34 @@ def to_unit_rgb(image: np.ndarray, bands: tuple[int, ...] = (0, 1, 2), max_value
 
     Single-band rasters are repeated to every channel; `max_value` defaults to the dtype's range.
     Pixels outside `valid` (a Sample's) and NaN pixels become `fill`, so no NaN reaches a network.
+    The arithmetic is `unit_pixels`', which training runs on the device.
     """
-    if image.shape[2] == 1:
-        bands = (0,) * len(bands)
+    return unit_pixels(torch.from_numpy(pick_bands(image, bands)), max_value,
+                       None if valid is None else torch.from_numpy(valid), low, fill).numpy()
+
+
+def pick_bands(image: np.ndarray, bands: tuple[int, ...]) -> np.ndarray:
+    """The raster's `bands` (H×W×len(bands), its dtype); a single-band raster's one band repeated.
+    All bands in their order: the image itself (a view, not a copy)."""
+    if tuple(bands) == tuple(range(image.shape[2])):
+        return image
+    return image[..., list((0,) * len(bands) if image.shape[2] == 1 else bands)]
+
+
+def unit_pixels(pixels: torch.Tensor, max_value: float | Sequence[float] | None = None, valid: torch.Tensor | None = None,
+                low: Sequence[float] | None = None, fill: Sequence[float] = NODATA_FILL) -> torch.Tensor:
+    """`to_unit_rgb` of picked bands (H×W×C, the raster's dtype, on any device) → float32 H×W×C."""
     if max_value is None:
-        max_value = float(np.iinfo(image.dtype).max) if np.issubdtype(image.dtype, np.integer) else 1.0
+        max_value = float(torch.iinfo(pixels.dtype).max) if not pixels.dtype.is_floating_point else 1.0
     elif not isinstance(max_value, (int, float)):
-        max_value = np.asarray(max_value, np.float32)
-    rgb = image[..., list(bands)].astype(np.float32)
+        max_value = torch.tensor(np.asarray(max_value, np.float32), device=pixels.device)
+    x = pixels.to(torch.float32, copy=True)
     if low is not None:
-        rgb -= np.asarray(low, np.float32)
-    rgb = np.clip(rgb / max_value, 0.0, 1.0, out=rgb)
-    invalid = None if np.issubdtype(image.dtype, np.integer) else np.isnan(rgb).any(axis=2)  # integers hold no NaN
+        x -= torch.tensor(np.asarray(low, np.float32), device=x.device)
+    x = (x / max_value).clamp_(0.0, 1.0)
+    invalid = torch.isnan(x).any(-1) if pixels.dtype.is_floating_point else None  # integers hold no NaN
     if valid is not None:
         invalid = ~valid if invalid is None else invalid | ~valid
     if invalid is not None:
-        rgb[invalid] = fill
-    return rgb
+        x[invalid] = torch.tensor(fill, dtype=torch.float32, device=x.device)
+    return x

@@ -29,10 +29,11 @@ from typing import Sequence
 
 import numpy as np
 import rasterio
+import torch
 from rasterio.errors import NotGeoreferencedWarning, RasterioIOError
 
 from .bandstats import read_band_stats, stats_path
-from .data import NODATA_FILL, SegmentationDataset, to_unit_rgb
+from .data import NODATA_FILL, SegmentationDataset, pick_bands, unit_pixels
 from .errors import RsmtdfError
 from .recipe import Recipe
 
@@ -59,10 +60,19 @@ class BandScaling:
 
     def unit(self, image: np.ndarray, valid: np.ndarray | None = None) -> np.ndarray:
         """H×W×C raster (all its bands) → H×W×len(bands) float32 in [0, 1]; invalid pixels get `fill`."""
+        return self.unit_tensor(torch.from_numpy(self.pick(image)),
+                                None if valid is None else torch.from_numpy(valid)).numpy()
+
+    def pick(self, image: np.ndarray) -> np.ndarray:
+        """The raster's bands this scaling reads, in its dtype: what a loader worker ships."""
+        return pick_bands(image, self.bands)
+
+    def unit_tensor(self, picked: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+        """`unit` of `pick`'s bands as a tensor, on whichever device they are."""
         high = self.max_value if self.high is None else self.high
         if self.low is not None and any(self.low):
-            return to_unit_rgb(image, self.bands, np.subtract(high, self.low), valid, self.low, self._fill())
-        return to_unit_rgb(image, self.bands, high, valid, fill=self._fill())
+            return unit_pixels(picked, np.subtract(high, self.low), valid, self.low, self._fill())
+        return unit_pixels(picked, high, valid, fill=self._fill())
 
     def _fill(self) -> Sequence[float]:
         return NODATA_FILL if self.fill is None else self.fill

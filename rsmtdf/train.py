@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 import torchvision.transforms.v2.functional as TF
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 from tqdm import tqdm
 
 from . import splits as splits_mod
@@ -47,7 +47,7 @@ from .scaling import BandScaling, dataset_scaling, extra_band_norm
 from .slurm import adopt_slurm_env
 from .teachers import Teacher, build_teachers
 from .tilecache import DecodedTiles, keep_freed_buffers
-from .views import View, view_tensor, view_window
+from .views import View, render_image, view_tensor, view_window
 
 MODES = ("cached", "online", "online-strong")
 
@@ -86,26 +86,49 @@ def cutmix_box(size: int, snap: int, rng: np.random.Generator, p: float = 0.5) -
     return box_masks(draw_box(size, snap, rng, p)[None], size)[0]
 
 
-def view_pixels(sample: Sample, view: View, crop: int, scaling: BandScaling,
-                labeled: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """A view's crop (C, crop, crop) in [0, 1] and its labels (crop, crop): the mask's, or for an
-    unlabeled sample 0 with 255 (ignored) on padding and no-data pixels. Only the window of pixels
-    the crop is made of is scaled."""
+RAGGED = ("pixels", "valid")  # item keys whose tensors differ in size between samples: kept as lists
+
+
+def loader_pixels(sample: Sample, view: View, crop: int, scaling: BandScaling, labeled: bool) -> dict:
+    """A loader worker's half of a view: the window of pixels its crop is made of, in the raster's
+    dtype, of the student's bands (h×w×C; `render_crops` scales and resamples it on the device);
+    its validity (h×w, empty when every pixel is valid); the sample's (H, W); and the crop's labels,
+    the mask's or for an unlabeled sample 0 with 255 (ignored) on padding and no-data pixels."""
     shape = sample.image.shape[:2]
     win = view_window(shape, view, crop)
-    rgb = scaling.unit(sample.image[win], None if sample.valid is None else sample.valid[win])
     labels = sample.mask if labeled else np.zeros(shape, np.uint8) if sample.valid is None else \
         np.where(sample.valid, 0, IGNORE).astype(np.uint8)
-    return view_tensor(rgb, view, crop, shape), view_tensor(labels, view, crop)
+    return {"pixels": torch.from_numpy(np.ascontiguousarray(scaling.pick(sample.image[win]))),
+            "valid": torch.zeros(0, dtype=torch.bool) if sample.valid is None else torch.from_numpy(sample.valid[win].copy()),
+            "shape": torch.tensor(shape), "mask": view_tensor(labels, view, crop)}
+
+
+def render_crops(batch: dict, views: np.ndarray, crop: int, scaling: BandScaling, device: torch.device) -> torch.Tensor:
+    """The batch's clean crops (B, C, crop, crop), made on `device` from the workers' windows:
+    the same pixels as `view_tensor(scaling.unit(image), ...)` of the whole sample."""
+    crops = []
+    for pixels, valid, shape, i, a in zip(batch["pixels"], batch["valid"], batch["shape"], batch["index"], batch["view"]):
+        unit = scaling.unit_tensor(pixels.to(device, non_blocking=True),
+                                   valid.to(device, non_blocking=True) if valid.numel() else None)
+        crops.append(render_image(unit.permute(2, 0, 1), View.from_array(views[int(i), int(a)]), crop,
+                                  tuple(shape.tolist())))
+    return torch.stack(crops)
+
+
+def collate(items: list[dict]) -> dict:
+    """`default_collate`, except the windows (`RAGGED`), which stay lists of tensors."""
+    batch = default_collate([{k: v for k, v in item.items() if k not in RAGGED} for item in items])
+    return {**batch, **{k: [item[k] for item in items] for k in RAGGED if k in items[0]}}
 
 
 class ReplaySet(Dataset):
     """Samples of one split list, each step showing one of the sample's stored views.
 
-    Item: clean crop (C, c, c) of the student's bands (the teachers' three first), label or ignore
-    mask (c, c: padding and no-data pixels are 255), [strong-view parameters, CutMix box (y0, x0,
-    h, w): see `augment`,] cache index, view index and, in `cached` mode, the float16 targets of
-    that (sample, view). Only views with valid pixels are drawn."""
+    Item: the view's window of the student's bands (the teachers' three first) with its validity
+    and the sample's shape (`loader_pixels`: the crop is made on the device, `render_crops`), label
+    or ignore mask (c, c: padding and no-data pixels are 255), [strong-view parameters, CutMix box
+    (y0, x0, h, w): see `augment`,] cache index, view index and, in `cached` mode, the float16
+    targets of that (sample, view). Only views with valid pixels are drawn. Batch with `collate`."""
 
     def __init__(self, dataset: SegmentationDataset, ids: list[str], cache_index: dict[str, int],
                  views: np.ndarray, valid: np.ndarray, crop: int, reader: CacheReader | None, seed: int,
@@ -128,8 +151,7 @@ class ReplaySet(Dataset):
         view = View.from_array(self.views[i, a])
         sample = self.tiles.get((sid, not self.unlabeled),
                                 lambda: self.dataset.load(self.dataset.index(sid), with_mask=not self.unlabeled))
-        image, mask = view_pixels(sample, view, self.crop, self.scaling, labeled=not self.unlabeled)
-        item = {"image": image, "mask": mask, "index": i, "view": a}
+        item = {**loader_pixels(sample, view, self.crop, self.scaling, labeled=not self.unlabeled), "index": i, "view": a}
         if self.unlabeled:
             item["strong"] = draw_strong(rng)  # parameters only: the pixels are done batched on the device
             item["box"] = draw_box(self.crop, self.snap, rng)
@@ -342,6 +364,7 @@ class Trainer:
         workers = self.recipe.train.workers
         return {k: DataLoader(s, batch_size=self.batch, sampler=self.samplers[k], drop_last=True,
                               num_workers=workers, persistent_workers=workers > 0, worker_init_fn=keep_freed_buffers,
+                              collate_fn=collate,
                               pin_memory=self.device.type == "cuda") for k, s in self.sets.items()}
 
     # -- checks and identity --
@@ -466,10 +489,13 @@ class Trainer:
         def dev(t: torch.Tensor) -> torch.Tensor:  # from pinned memory on a GPU: the copy overlaps
             return t.to(self.device, non_blocking=True)
 
+        def crops(batch: dict) -> torch.Tensor:
+            return render_crops(batch, self.sets["l"].views, self.sets["l"].crop, self.scaling, self.device)
+
         for bl, bu in zip(worker_errors_as_lines(self.loaders["l"]), worker_errors_as_lines(self.loaders["u"])):
-            xw = dev(bu["image"])  # strong views and CutMix masks are made here, batched on the device
+            xw = crops(bu)  # crops, strong views and CutMix masks are made here, on the device
             yield StepInputs(
-                dev(bl["image"]), dev(bl["mask"]).long(), xw, strong_batch(xw, dev(bu["strong"])),
+                crops(bl), dev(bl["mask"]).long(), xw, strong_batch(xw, dev(bu["strong"])),
                 dev(bu["mask"]), box_masks(dev(bu["box"]), xw.shape[-1]),
                 {k: dev(v).float() for k, v in bl["targets"].items()} if "targets" in bl else None,
                 {k: dev(v).float() for k, v in bu["targets"].items()} if "targets" in bu else None,

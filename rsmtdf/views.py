@@ -117,21 +117,22 @@ class Resampling:
     def size(self) -> tuple[int, int]:
         return self.window[0].stop - self.window[0].start, self.window[1].stop - self.window[1].start
 
-    def __call__(self, window: np.ndarray, flip: bool) -> torch.Tensor:
-        """The crop's pixels (no padding), mirrored left-right if `flip`: from an (h, w, C) image
-        window (C, rows, cols) float32 sampled bilinearly at the sources; from an (h, w) label
-        window (rows, cols) gathered."""
-        cols = self.cols[::-1] if flip else self.cols
-        if window.ndim == 2:
-            return torch.from_numpy(np.ascontiguousarray(window[self.rows][:, cols]))
-        t = _tensor(window).permute(2, 0, 1).float()
+    def labels(self, window: np.ndarray, flip: bool) -> torch.Tensor:
+        """The crop's labels (no padding), mirrored left-right if `flip`, gathered from the (h, w)
+        label window."""
+        return torch.from_numpy(np.ascontiguousarray(window[self.rows][:, self.cols[::-1] if flip else self.cols]))
+
+    def image(self, window: torch.Tensor, flip: bool) -> torch.Tensor:
+        """The crop's pixels (no padding), mirrored left-right if `flip`, sampled bilinearly at the
+        sources from the (C, h, w) float32 window, on the window's device."""
         if self.identity:
-            return t.flip(-1) if flip else t
-        h, w = t.shape[1:]
-        gy, gx = (torch.from_numpy((2 * p.astype(np.float64) + 1) / n - 1).float()
+            return window.flip(-1) if flip else window
+        h, w = window.shape[1:]
+        cols = self.cols[::-1] if flip else self.cols
+        gy, gx = (torch.from_numpy((2 * p.astype(np.float64) + 1) / n - 1).float().to(window.device)
                   for p, n in ((self.rows, h), (cols, w)))
         grid = torch.stack([gx.expand(len(gy), -1), gy[:, None].expand(-1, len(gx))], -1)
-        return F.grid_sample(t.contiguous()[None], grid[None], mode="bilinear", padding_mode="border",
+        return F.grid_sample(window.contiguous()[None], grid[None], mode="bilinear", padding_mode="border",
                              align_corners=False)[0]
 
 
@@ -155,20 +156,31 @@ def view_tensor(array: np.ndarray, view: View, crop_size: int, shape: tuple[int,
 
     The crop `resize_and_crop` makes by resizing the whole sample with `F.interpolate`: the same
     for shrunk views and label maps, the same to 1e-4 of the range for enlarged ones (`grid_sample`
-    at torch's source positions, in float32), for which it reads only
-    the view's window: `array` may be that window alone, with `shape` the sample's (H, W)."""
+    at torch's source positions, in float32), for which it reads only the view's window: `array`
+    may be that window alone (`view_window`), with `shape` the sample's (H, W)."""
     is_label = array.ndim == 2
     whole = tuple(shape or array.shape[:2])
-    if view.scale < 1 and not is_label:
-        return _resized_crop(array, view, crop_size)
     plan = Resampling.of(whole, view, crop_size, is_label)
     if array.shape[:2] == whole:
         array = array[plan.window]
     elif array.shape[:2] != plan.size:
         raise ValueError(f"a {array.shape[:2]} array is neither the {whole} sample nor the view's window {plan.size}")
-    pixels = plan(array, view.hflip)
-    out = torch.full(((crop_size,) * 2) if is_label else (array.shape[2], crop_size, crop_size),
-                     IGNORE if is_label else 0, dtype=torch.uint8 if is_label else torch.float32)
+    if not is_label:
+        return render_image(_tensor(array).permute(2, 0, 1).float(), view, crop_size, whole)
+    return _placed(plan.labels(array, view.hflip), view, crop_size, IGNORE)
+
+
+def render_image(window: torch.Tensor, view: View, crop_size: int, shape: tuple[int, int]) -> torch.Tensor:
+    """`view_tensor` of an image from its window as a (C, h, w) float32 tensor, on any device:
+    what training runs on the batch after the host→device copy."""
+    if view.scale < 1:
+        return _resize_crop(window[None], view, crop_size, 0.0)[0]
+    return _placed(Resampling.of(shape, view, crop_size, False).image(window, view.hflip), view, crop_size, 0.0)
+
+
+def _placed(pixels: torch.Tensor, view: View, crop_size: int, fill: float) -> torch.Tensor:
+    """The crop: `pixels` (mirrored already if the view flips) on padding `fill`, then rotated."""
+    out = torch.full((*pixels.shape[:-2], crop_size, crop_size), fill, dtype=pixels.dtype, device=pixels.device)
     h, w = pixels.shape[-2:]
     if view.hflip:  # mirrored: the padding right of the sample is now left of it
         out[..., :h, crop_size - w :] = pixels
@@ -185,30 +197,23 @@ def apply_view(array: np.ndarray, view: View, crop_size: int, shape: tuple[int, 
 
 def view_window(shape: tuple[int, int], view: View, crop_size: int) -> tuple[slice, slice]:
     """The pixels of an (H, W) sample that the view's image crop is made of (the whole sample for
-    shrunk views), so a loader can scale just those."""
+    shrunk views), so a loader can scale or ship just those."""
     return Resampling.of(shape, view, crop_size, label=False).window
 
 
-def _resized_crop(array: np.ndarray, view: View, crop_size: int) -> torch.Tensor:
-    """`resize_and_crop` as a tensor (C×crop×crop, or crop×crop for label maps)."""
-    is_label = array.ndim == 2
-    h, w = array.shape[:2]
+def _resize_crop(t: torch.Tensor, view: View, crop_size: int, fill: float, label: bool = False) -> torch.Tensor:
+    """`resize_and_crop` of a (1, C, H, W) float tensor."""
+    h, w = t.shape[-2:]
     oh, ow = resized_shape(h, w, view.scale)
-    t = _tensor(array)
-    t = t[None, None].float() if is_label else t.permute(2, 0, 1)[None].float()
     if (oh, ow) != (h, w):
-        if is_label:
+        if label:
             t = F.interpolate(t, size=(oh, ow), mode="nearest-exact")
         else:
             t = F.interpolate(t, size=(oh, ow), mode="bilinear", align_corners=False, antialias=view.scale < 1)
     pad_h, pad_w = max(crop_size - oh, 0), max(crop_size - ow, 0)
     if pad_h or pad_w:
-        t = F.pad(t, (0, pad_w, 0, pad_h), value=float(IGNORE) if is_label else 0.0)
-    t = _flip_rotate(t[0, :, view.y0 : view.y0 + crop_size, view.x0 : view.x0 + crop_size], view)
-    return t[0].round().to(torch.uint8) if is_label else t
-
-
-def _flip_rotate(t: torch.Tensor, view: View) -> torch.Tensor:
+        t = F.pad(t, (0, pad_w, 0, pad_h), value=fill)
+    t = t[..., view.y0 : view.y0 + crop_size, view.x0 : view.x0 + crop_size]
     if view.hflip:
         t = t.flip(-1)
     if view.rot90:
@@ -219,8 +224,11 @@ def _flip_rotate(t: torch.Tensor, view: View) -> torch.Tensor:
 def resize_and_crop(array: np.ndarray, view: View, crop_size: int) -> np.ndarray:
     """The definition of a view's crop: resize the whole sample with `F.interpolate`, pad, crop,
     flip, rotate. `view_tensor` computes it; this is kept for the tests and the benchmark."""
-    t = _resized_crop(array, view, crop_size)
-    return (t if t.ndim == 2 else t.permute(1, 2, 0)).contiguous().numpy()
+    if array.ndim == 2:
+        t = _resize_crop(_tensor(array)[None, None].float(), view, crop_size, float(IGNORE), label=True)
+        return t[0, 0].round().to(torch.uint8).numpy()
+    t = _resize_crop(_tensor(array).permute(2, 0, 1)[None].float(), view, crop_size, 0.0)
+    return t[0].permute(1, 2, 0).contiguous().numpy()
 
 
 def render_views(image: np.ndarray, views: list[View], crop_size: int) -> np.ndarray:

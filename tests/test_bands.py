@@ -158,6 +158,7 @@ def test_cache_records_the_percentile_stretch(prepared):
 
 
 def test_four_band_student_trains_on_stretched_bands(trained, prepared):
+    from rsmtdf.train import collate, render_crops
     from rsmtdf.views import View, apply_view
 
     trainer, seen, _ = trained
@@ -185,7 +186,8 @@ def test_four_band_student_trains_on_stretched_bands(trained, prepared):
     p98 = np.array([stats["bands"][b]["p98"] for b in range(BANDS)], np.float32)
     expect = np.clip((sample.image.astype(np.float32) - p2) / (p98 - p2), 0, 1)
     view = View.from_array(trainer.sets["l"].views[trainer.sets["l"].cache_index["s1"], item["view"]])
-    assert np.allclose(item["image"].permute(1, 2, 0).numpy(), apply_view(expect, view, 56), atol=1e-6)
+    crop = render_crops(collate([item]), trainer.sets["l"].views, 56, trainer.scaling, torch.device("cpu"))[0]
+    assert np.allclose(crop.permute(1, 2, 0).numpy(), apply_view(expect, view, 56), atol=1e-6)
 
 
 def test_adapted_first_layer_keeps_timms_rgb_weights(tmp_path):

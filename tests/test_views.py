@@ -74,3 +74,31 @@ def test_apply_view_on_its_window_alone_gives_the_same_crop():
     v = View(2.0, 10, 10)
     with pytest.raises(ValueError, match="window"):
         apply_view(image[:30, :30], v, 96, (400, 300))
+
+
+def test_crops_made_on_the_device_from_the_workers_windows_are_the_whole_samples_crops():
+    """Training ships each view's window of raw pixels and renders it after the copy
+    (`train.loader_pixels` → `collate` → `train.render_crops`): exactly the crop of the whole
+    sample scaled and cut on the CPU, for 16-bit multiband rasters with nodata holes."""
+    import torch
+
+    from rsmtdf.data import Sample
+    from rsmtdf.scaling import BandScaling
+    from rsmtdf.train import collate, loader_pixels, render_crops
+
+    rng = np.random.default_rng(2)
+    image = rng.integers(0, 4000, (300, 400, 4)).astype(np.uint16)
+    valid = rng.random((300, 400)) > 0.05
+    scaling = BandScaling((2, 0, 1, 3), None, (10.0, 0.0, 5.0, 0.0), (3000.0, 3500.0, 4000.0, 2500.0),
+                          "percentile", "uint16", (0.5, 0.5, 0.5, 0.0))
+    views = ViewSpec(12, 96, rot90=True).sample("s", 300, 400)
+    table = np.stack([v.to_array() for v in views])[None]
+    for labeled, holes in ((True, None), (False, valid)):
+        sample = Sample("s", image, rng.integers(0, 7, (300, 400)).astype(np.uint8), valid=holes)
+        items = [{**loader_pixels(sample, v, 96, scaling, labeled), "index": 0, "view": k} for k, v in enumerate(views)]
+        crops = render_crops(collate(items), table, 96, scaling, torch.device("cpu"))
+        whole = scaling.unit(image, holes)
+        labels = sample.mask if labeled else np.where(valid, 0, 255).astype(np.uint8)
+        for k, v in enumerate(views):
+            assert torch.equal(crops[k], torch.from_numpy(apply_view(whole, v, 96)).permute(2, 0, 1)), (labeled, v)
+            assert np.array_equal(items[k]["mask"].numpy(), resize_and_crop(labels, v, 96)), (labeled, v)

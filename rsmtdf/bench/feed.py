@@ -7,9 +7,11 @@ from other processes inflates it less than wall time), each part of the data pat
 
 - decode          `dataset.load` of the step's 16 tiles; after, from the worker's `DecodedTiles`
                   (a later epoch: every tile already decoded once);
-- views           before, `to_unit_rgb` of the whole tile and `views.resize_and_crop` (the whole
-                  tile resized) of image and mask; after, `train.view_pixels` (the view's window
-                  alone scaled and resampled, `views.apply_view`);
+- views (worker)  before, `to_unit_rgb` of the whole tile and `views.resize_and_crop` (the whole
+                  tile resized) of image and mask; after, `train.loader_pixels`: the view's window
+                  of raw pixels cut out, and the label crop (a gather);
+- views (device)  after: `train.render_crops`, scaling and resampling the windows on the training
+                  device (timed on this CPU when there is no GPU; not loader work);
 - strong (worker) what the loader worker spends on strong augmentation and CutMix: before, the
                   per-sample torchvision pixels (`train.strong_augment`, `cutmix_box`); after, the
                   draws alone (`augment.draw_strong`, `draw_box`);
@@ -33,6 +35,7 @@ cores one GPU needs to never wait = loader CPU seconds per step / model step sec
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 from typing import Callable
@@ -56,7 +59,7 @@ FEED_SIZES = {  # `quick` for CI; every other size runs the paper's, which is th
               "targets": {"dinov2_vitb14": (16, 32, 56), "clip_vitl14": (4, 64, 28)},  # tokens, dim, input
               "student": {"encoder": "vit_small_patch14_dinov2", "kwargs": {"embed_dim": 48, "depth": 4, "num_heads": 3},
                           "translator_hidden": 64}},
-    "paper": {"crop": 518, "batch": 8, "scenes": 2, "scene": 1024, "repeats": 3, "loader_steps": 3, "workers": (1, 2, 4),
+    "paper": {"crop": 518, "batch": 8, "scenes": 2, "scene": 1024, "repeats": 5, "loader_steps": 8, "workers": (1, 2, 4),
               "targets": {"dinov2_vitb14": (1369, 768, 518), "clip_vitl14": (256, 1024, 224)},
               "student": {"encoder": "vit_small_patch14_dinov2", "kwargs": {}, "translator_hidden": 1024}},
 }
@@ -130,7 +133,7 @@ def bench_feed(ctx: Context) -> dict:
     from ..data import to_unit_rgb
     from ..scaling import BandScaling
     from ..tilecache import DecodedTiles, keep_freed_buffers
-    from ..train import EpochSampler, ReplaySet, _rng, cutmix_box, strong_augment, view_pixels
+    from ..train import EpochSampler, ReplaySet, _rng, collate, cutmix_box, loader_pixels, render_crops, strong_augment
     from ..views import View, ViewSpec, apply_view, resize_and_crop
 
     f = FEED_SIZES["quick" if ctx.sizes.name == "quick" else "paper"]
@@ -176,9 +179,9 @@ def bench_feed(ctx: Context) -> dict:
 
     scaling = BandScaling().resolved("uint8")
 
-    def render_window():
-        for j, (s, (i, v)) in enumerate(zip(samples, step)):
-            view_pixels(s, View.from_array(views[i, v]), crop, scaling, labeled=j < batch)
+    def render_window() -> list[dict]:  # the worker's half: windows and label crops
+        return [loader_pixels(s, View.from_array(views[i, v]), crop, scaling, labeled=j < batch)
+                for j, (s, (i, v)) in enumerate(zip(samples, step))]
 
     def strong_before():
         for j in unl:
@@ -209,12 +212,15 @@ def bench_feed(ctx: Context) -> dict:
             return [readers[which].read(i, v, as_stored=which == "after") for i, v in step]
         return run
 
+    windows = render_window()
+
     def items(which: str) -> list[dict]:
         targets = reads(which)()
         out = []
         for j, (i, v) in enumerate(step):
-            item = {"image": crops[j], "mask": torch.zeros(crop, crop, dtype=torch.uint8), "index": i, "view": v,
-                    "targets": {k: torch.from_numpy(t) for k, t in targets[j].items()}}
+            pixels = {"image": crops[j], "mask": torch.zeros(crop, crop, dtype=torch.uint8)} if which == "before" \
+                else windows[j]
+            item = {**pixels, "index": i, "view": v, "targets": {k: torch.from_numpy(t) for k, t in targets[j].items()}}
             if j >= batch:
                 item.update({"strong": crops[j].clone(), "box": torch.zeros(crop, crop)} if which == "before" else
                             {"strong": drawn["params"][j - batch], "box": drawn["boxes"][j - batch]})
@@ -222,23 +228,28 @@ def bench_feed(ctx: Context) -> dict:
         return out
 
     batches = {w: items(w) for w in ("before", "after")}
-    collated = {w: [default_collate(b[:batch]), default_collate(b[batch:])] for w, b in batches.items()}
+    collators = {"before": default_collate, "after": collate}
+    collated = {w: [collators[w](b[:batch]), collators[w](b[batch:])] for w, b in batches.items()}
     nbytes = {w: sum(t.numel() * t.element_size() for c in cs for t in _tensors(c)) for w, cs in collated.items()}
     copy = _copy_ms(collated, reps, ctx.device)
 
-    def collate(which: str) -> Callable[[], object]:
-        return lambda: (default_collate(batches[which][:batch]), default_collate(batches[which][batch:]))
+    def collating(which: str) -> Callable[[], object]:
+        return lambda: (collators[which](batches[which][:batch]), collators[which](batches[which][batch:]))
 
-    runs = {"decode": (decode, decode_kept), "views": (render_whole, render_window),
+    def render_device() -> list[torch.Tensor]:
+        return [render_crops(c, views, crop, scaling, torch.device("cpu")) for c in collated["after"]]
+
+    runs = {"decode": (decode, decode_kept), "views (worker)": (render_whole, render_window),
             "strong+cutmix (worker)": (strong_before, strong_after),
-            "cache reads": (reads("before"), reads("after")), "collate": (collate("before"), collate("after"))}
+            "cache reads": (reads("before"), reads("after")), "collate": (collating("before"), collating("after"))}
     parts = {k: {"before": _cpu_ms(before, reps)} for k, (before, _) in runs.items()}
     keep_freed_buffers()  # from here on this process allocates as loader workers now do
     for k, (_, after) in runs.items():
         parts[k]["after"] = _cpu_ms(after, reps)
     parts["pin (host memcpy)"] = {w: copy[w]["pin_ms"] for w in ("before", "after")}
     loader = {w: sum(p[w] for p in parts.values()) / 1e3 for w in ("before", "after")}
-    device_ms = {"strong+cutmix (device, batched)": _cpu_ms(strong_device, reps),
+    device_ms = {"views (device: scaling + resampling)": _cpu_ms(render_device, reps),
+                 "strong+cutmix (device, batched)": _cpu_ms(strong_device, reps),
                  "host→device transfer": copy["after"]["transfer_ms"]}
 
     flops = _model_flops(f, crop, batch)
@@ -250,7 +261,7 @@ def bench_feed(ctx: Context) -> dict:
                       "targets": {k: list(v) for k, v in f["targets"].items()}, "codec_after": _codec_name(),
                       "codec_before": "zstd3-bitshuffle"},
             "cpu_ms_per_step": parts, "device_ms_per_step": device_ms, "loader_cpu_s_per_step": loader,
-            "bytes_per_step": nbytes, "model": {"flops": flops, **gpu}, "loader_steps_per_s": throughput,
+            "bytes_per_step": nbytes, "model": {"flops": flops, **gpu}, "loaders": throughput,
             "ratios": {"loader cores per GPU": {
                 "value": cores["after"], "goal": "<= 4",
                 "absolute": f"{loader['after'] * 1e3:.0f} ms loader CPU per step (before: {loader['before'] * 1e3:.0f} "
@@ -261,8 +272,8 @@ def bench_feed(ctx: Context) -> dict:
 
 def _tensors(batch: dict):
     for v in batch.values():
-        if isinstance(v, dict):
-            yield from v.values()
+        if isinstance(v, (dict, list)):
+            yield from (v.values() if isinstance(v, dict) else v)
         elif isinstance(v, torch.Tensor):
             yield v
 
@@ -294,31 +305,52 @@ def _copy_ms(collated: dict, repeats: int, device: str) -> dict:
 
 
 def _loader_rates(ds, ids, views, crop, reader, batch, snap, steps, worker_counts, EpochSampler,
-                  ReplaySet) -> dict[int, float]:
-    """Steps/s of the real labeled + unlabeled loaders (ReplaySet, EpochSampler) per worker count."""
+                  ReplaySet) -> dict[int, dict[str, float]]:
+    """Per worker count, steps/s of the real labeled + unlabeled loaders (ReplaySet with the
+    recipe's decoded-tile store, EpochSampler) and the CPU they spend per step, workers and this
+    process together (item work, collation into shared memory, hand-over), after one epoch has
+    been seen."""
+    from ..recipe import load_recipe
     from ..scaling import BandScaling
     from ..tilecache import keep_freed_buffers
+    from ..train import collate
 
     n = len(ids)
     common = dict(dataset=ds, ids=ids, cache_index={s: i for i, s in enumerate(ids)}, views=views,
                   valid=np.ones(views.shape[:2], np.float32), crop=crop, reader=reader, seed=0, snap=snap,
-                  scaling=BandScaling())
+                  scaling=BandScaling(), tiles_mb=load_recipe(None).train.decoded_cache_mb)
     rates = {}
     for workers in worker_counts:
         sets = [ReplaySet(unlabeled=u, **common) for u in (False, True)]
         loaders = [DataLoader(s, batch_size=batch, sampler=EpochSampler(n, 0, 0, 1), drop_last=True,
                               num_workers=workers, persistent_workers=True, prefetch_factor=2,
-                              worker_init_fn=keep_freed_buffers) for s in sets]
+                              worker_init_fn=keep_freed_buffers, collate_fn=collate) for s in sets]
         its = [iter(_forever(loader)) for loader in loaders]
-        for it in its:  # start-up: workers spawned, first batches decoded
-            next(it)
-        t0 = time.perf_counter()
+        for _ in range(max(1, n // batch) * max(1, workers)):  # start-up: every worker has decoded its tiles
+            for it in its:
+                next(it)
+        t0, cpu0 = time.perf_counter(), _cpu_s()
         for _ in range(steps):
             for it in its:
                 next(it)
-        rates[workers] = steps / (time.perf_counter() - t0)
+        wall, cpu = time.perf_counter() - t0, _cpu_s() - cpu0
+        rates[workers] = {"steps_per_s": steps / wall, "cpu_ms_per_step": 1e3 * cpu / steps}
         del its, loaders
     return rates
+
+
+def _cpu_s() -> float:
+    """CPU seconds of this process and its live children (the loader workers; Linux /proc)."""
+    total = time.process_time()
+    tick = os.sysconf("SC_CLK_TCK")
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # gone meanwhile
+            continue
+        if int(fields[1]) == os.getpid():  # fields after the name: state, ppid, ..., utime, stime at 11, 12
+            total += (int(fields[11]) + int(fields[12])) / tick
+    return total
 
 
 def _forever(loader):
@@ -344,5 +376,7 @@ def _table(parts: dict, device_ms: dict, loader: dict, rates: dict, gpu: dict, c
     lines += ["", f"model step: {gpu['predicted_s'] * 1e3:.1f} ms ({gpu['basis']}); loader cores needed per GPU: "
                   f"{cores['before']:.1f} before, {cores['after']:.1f} after (goal <= 4)",
               "loader steps/s (labeled + unlabeled loaders, N workers each, on this machine): "
-              + ", ".join(f"{w}: {r:.2f}" for w, r in rates.items())]
+              + ", ".join(f"{w}: {r['steps_per_s']:.2f}" for w, r in rates.items()),
+              "loader CPU per step measured through those loaders (workers and the training process): "
+              + ", ".join(f"{w} workers {r['cpu_ms_per_step']:.0f} ms" for w, r in rates.items())]
     return "\n".join(lines)
