@@ -20,8 +20,10 @@ import math
 import os
 import time
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -127,14 +129,15 @@ class ReplaySet(Dataset):
     Item: the view's window of the student's bands (the teachers' three first) with its validity
     and the sample's shape (`loader_pixels`: the crop is made on the device, `render_crops`), label
     or ignore mask (c, c: padding and no-data pixels are 255), [strong-view parameters, CutMix box
-    (y0, x0, h, w): see `augment`,] cache index, view index and, in `cached` mode, the float16
-    targets of that (sample, view). Only views with valid pixels are drawn. Batch with `collate`."""
+    (y0, x0, h, w): see `augment`,] cache index and view index (the training process reads the
+    targets of that (sample, view): `read_targets`). Only views with valid pixels are drawn. Batch
+    with `collate`."""
 
     def __init__(self, dataset: SegmentationDataset, ids: list[str], cache_index: dict[str, int],
-                 views: np.ndarray, valid: np.ndarray, crop: int, reader: CacheReader | None, seed: int,
+                 views: np.ndarray, valid: np.ndarray, crop: int, seed: int,
                  unlabeled: bool, snap: int, scaling: BandScaling, tiles_mb: int = 0) -> None:
         self.dataset, self.ids, self.cache_index, self.views, self.valid = dataset, ids, cache_index, views, valid
-        self.crop, self.reader, self.seed, self.unlabeled, self.snap = crop, reader, seed, unlabeled, snap
+        self.crop, self.seed, self.unlabeled, self.snap = crop, seed, unlabeled, snap
         self.scaling = scaling
         self.tiles = DecodedTiles(tiles_mb * 2**20)  # each worker fills its own copy
 
@@ -155,9 +158,32 @@ class ReplaySet(Dataset):
         if self.unlabeled:
             item["strong"] = draw_strong(rng)  # parameters only: the pixels are done batched on the device
             item["box"] = draw_box(self.crop, self.snap, rng)
-        if self.reader is not None:
-            item["targets"] = {k: torch.from_numpy(v) for k, v in self.reader.read(i, a, as_stored=True).items()}
         return item
+
+
+def read_targets(reader: CacheReader, index: torch.Tensor, view: torch.Tensor, pin: bool) -> dict[str, torch.Tensor]:
+    """A batch's targets (B, tokens, dim) per teacher, as stored (float16 stays float16), in
+    page-locked memory when `pin`. Read by the training process, not the loader workers: at 518 px
+    the 42 MB of a step cost the workers more to hand over than to read (`bench feed`)."""
+    rows = [reader.read(int(i), int(a), as_stored=True) for i, a in zip(index, view)]
+    return {name: torch.stack([torch.from_numpy(r[name]) for r in rows],
+                              out=torch.empty((len(rows), *rows[0][name].shape), pin_memory=pin,
+                                              dtype=torch.from_numpy(rows[0][name]).dtype))
+            for name in rows[0]}
+
+
+def one_ahead(items: Iterator, work: Callable) -> Iterator[tuple[object, object]]:
+    """(item, work(item)) for each item, work done in a thread one item ahead: the next batch's
+    reads overlap the current step (a GPU step leaves the training process's core idle)."""
+    with ThreadPoolExecutor(1) as pool:
+        pending = None
+        for item in items:
+            future = pool.submit(work, item)
+            if pending is not None:
+                yield pending[0], pending[1].result()
+            pending = (item, future)
+        if pending is not None:
+            yield pending[0], pending[1].result()
 
 
 class EpochSampler(Sampler[tuple[int, int]]):
@@ -324,8 +350,8 @@ class Trainer:
 
         snap = math.lcm(self.student.patch, *[crop // s.grid for s in slots if crop % s.grid == 0])
         views = self.cache.views_array()
-        reader = self.cache.reader() if mode == "cached" else None
-        common = dict(dataset=self.dataset, cache_index=index, views=views, valid=valid, crop=crop, reader=reader, seed=tr.seed,
+        self.reader = self.cache.reader() if mode == "cached" else None
+        common = dict(dataset=self.dataset, cache_index=index, views=views, valid=valid, crop=crop, seed=tr.seed,
                       snap=snap, scaling=self.scaling, tiles_mb=tr.decoded_cache_mb)
         # as the reference: the labeled list is repeated to the length of the unlabeled one
         reps = math.ceil(max(len(unlabeled), 1) / len(labeled))
@@ -492,13 +518,18 @@ class Trainer:
         def crops(batch: dict) -> torch.Tensor:
             return render_crops(batch, self.sets["l"].views, self.sets["l"].crop, self.scaling, self.device)
 
-        for bl, bu in zip(worker_errors_as_lines(self.loaders["l"]), worker_errors_as_lines(self.loaders["u"])):
+        def targets(pair: tuple[dict, dict]) -> list[dict[str, torch.Tensor]] | None:
+            if self.reader is None:
+                return None
+            return [read_targets(self.reader, b["index"], b["view"], self.device.type == "cuda") for b in pair]
+
+        pairs = zip(worker_errors_as_lines(self.loaders["l"]), worker_errors_as_lines(self.loaders["u"]))
+        for (bl, bu), read in one_ahead(pairs, targets):
             xw = crops(bu)  # crops, strong views and CutMix masks are made here, on the device
             yield StepInputs(
                 crops(bl), dev(bl["mask"]).long(), xw, strong_batch(xw, dev(bu["strong"])),
                 dev(bu["mask"]), box_masks(dev(bu["box"]), xw.shape[-1]),
-                {k: dev(v).float() for k, v in bl["targets"].items()} if "targets" in bl else None,
-                {k: dev(v).float() for k, v in bu["targets"].items()} if "targets" in bu else None,
+                *([{k: dev(v).float() for k, v in t.items()} for t in read] if read else (None, None)),
                 bl["index"], bu["index"])
 
     def fit(self) -> dict:

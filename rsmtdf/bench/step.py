@@ -29,10 +29,7 @@ class MemoryReader:
 def _memory_twin(trainer):
     """The same Trainer whose loaders hand in targets from memory instead of reading the cache."""
     t = copy.copy(trainer)
-    t.sets = {k: copy.copy(s) for k, s in trainer.sets.items()}
-    memory = MemoryReader(trainer.sets["l"].reader)
-    for s in t.sets.values():
-        s.reader = memory
+    t.reader = MemoryReader(trainer.reader)
     t.loaders = t.make_loaders()
     return t
 
