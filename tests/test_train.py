@@ -16,6 +16,7 @@ import torch
 
 from conftest import ROOT, extracted, run_cli, write_recipe
 from rsmtdf.data import open_dataset
+from rsmtdf.errors import RsmtdfError
 from rsmtdf.splits import make_splits
 
 STUDENT = """
@@ -277,3 +278,27 @@ def test_refuses_unreadable_checkpoint(tmp_path):
     bad = tmp_path / "best.pt"
     bad.write_bytes(b"not a checkpoint")
     _assert_one_line_error(run_cli("evaluate", "--checkpoint", bad), "best.pt", "not a readable checkpoint")
+
+
+def test_the_next_batchs_reads_run_while_this_batch_is_used():
+    """`one_ahead`: work on item k+1 is under way in its thread while item k is in use, items come
+    in order with their results, and a failure reaches the caller at its own item."""
+    import threading
+
+    from rsmtdf.train import one_ahead
+
+    second = threading.Event()
+
+    def work(k: int) -> int:
+        if k == 1:
+            second.set()
+        if k == 3:
+            raise RsmtdfError("chunk 3 is damaged")
+        return 10 * k
+
+    batches = one_ahead(iter(range(5)), work)
+    assert next(batches) == (0, 0)
+    assert second.wait(5), "the next item's work had not started while the first was in use"
+    assert [next(batches) for _ in range(2)] == [(1, 10), (2, 20)]
+    with pytest.raises(RsmtdfError, match="chunk 3"):
+        next(batches)

@@ -3,8 +3,9 @@
 For each candidate (none, Blosc-lz4 and Blosc-zstd at several levels, each with no shuffle, byte
 shuffle and bit shuffle; every one followed by the cache's crc32c) the same float16 targets are
 written with the cache's chunk and shard layout and read back one chunk at a time in random order,
-as the loader workers read them. Reported: size against the raw float16 bytes, and read MB/s of
-raw float16 per process (CPU seconds, one thread, so a loaded machine slows it less than wall time).
+through zarr. Reported: size against the raw float16 bytes, and read MB/s of raw float16 per
+process (CPU seconds, one thread, so a loaded machine slows it less than wall time). One more row
+reads the uncompressed store as training does, straight from the shard file (`shardfile`).
 
 Feature sets: real EfficientNet-Lite0 and -Lite1 features (real ImageNet weights) of the real
 LoveDA sample when present (generated scenes otherwise), and random float16 tokens shaped like
@@ -23,6 +24,9 @@ import zarr
 from zarr.codecs import BloscCodec
 
 from .common import LOVEDA_SAMPLE, Context, _dataset
+
+
+DIRECT = "none, read straight from the shard file (training's reader)"
 
 
 def candidates(quick: bool = False) -> dict[str, BloscCodec | None]:
@@ -67,9 +71,11 @@ def _random_features(ctx: Context) -> dict[str, np.ndarray]:
     return {k: rng.standard_normal((8, 2, *shape), dtype=np.float32).astype(np.float16) for k, shape in shapes.items()}
 
 
-def measure(x: np.ndarray, codec: BloscCodec | None, path: str, passes: int = 2) -> dict:
-    """Size ratio to raw float16 and read MB/s (CPU time, one thread) of `x` stored with `codec`."""
+def measure(x: np.ndarray, codec: BloscCodec | None, path: str, passes: int = 2, direct: bool = False) -> dict:
+    """Size ratio to raw float16 and read MB/s (CPU time, one thread) of `x` stored with `codec`,
+    read through zarr or (`direct`, codec none only) straight from the shard file as training does."""
     from ..cache import checksummed
+    from ..shardfile import ShardFile
 
     n, a, L, C = x.shape
     group = zarr.open_group(path, mode="w", zarr_format=3)
@@ -78,13 +84,14 @@ def measure(x: np.ndarray, codec: BloscCodec | None, path: str, passes: int = 2)
     arr[:] = x
     stored = sum(f.stat().st_size for f in (Path(path) / "t" / "c").rglob("*") if f.is_file())
     arr = zarr.open_group(path, mode="r")["t"]
+    read = (lambda i, v, f=ShardFile.of(arr): f.read((i, v, 0, 0))) if direct else (lambda i, v: arr[i, v])
     pairs = [(i, v) for i in range(n) for v in range(a)]
     best = float("inf")
     for p in range(passes):  # the first pass also warms the page cache
         random.Random(p).shuffle(pairs)
         t0 = time.process_time()
         for i, v in pairs:
-            arr[i, v]
+            read(i, v)
         best = min(best, time.process_time() - t0)
     return {"ratio": stored / x.nbytes, "read_mb_s": x.nbytes / 1e6 / max(best, 1e-9),
             "ms_per_chunk": 1e3 * best / len(pairs)}
@@ -104,11 +111,12 @@ def bench_codec(ctx: Context) -> dict:
         table: dict[str, dict[str, dict]] = {}
         for fname, x in sets.items():
             table[fname] = {c: measure(x, codec, str(ctx.workdir / "codec.zarr")) for c, codec in codecs.items()}
+            table[fname][DIRECT] = measure(x, None, str(ctx.workdir / "codec.zarr"), direct=True)
     finally:
         torch.set_num_threads(threads)
     default = _name_of(default_compressor())
     real_rows = [table[k] for k in real]
-    speed = {c: float(np.mean([r[c]["read_mb_s"] for r in real_rows])) for c in codecs}
+    speed = {c: float(np.mean([r[c]["read_mb_s"] for r in real_rows])) for c in codecs}  # all through zarr
     fastest = max(speed, key=speed.get)
     result = {"sizes": {"features": {k: list(v.shape) for k, v in sets.items()}, "data": source,
                       "views": ctx.sizes.size_views},
