@@ -34,3 +34,17 @@ def test_bench_all_quick_writes_every_part(tmp_path):
 def test_bench_refuses_an_unknown_part():
     proc = run_cli("bench", "nonsense")
     assert proc.returncode == 2 and "choose one of" in proc.stderr
+
+
+def test_feed_measures_the_model_step_where_it_can_and_predicts_it_elsewhere():
+    """`bench feed` on a GPU times the model work it otherwise predicts from the FLOP count; the
+    measuring path runs here on the CPU at the quick sizes."""
+    from rsmtdf.bench.feed import FEED_SIZES, _model_step
+
+    f = FEED_SIZES["quick"]
+    predicted = _model_step(f, f["crop"], f["batch"], "cpu", measure=False)
+    measured = _model_step(f, f["crop"], f["batch"], "cpu", measure=True, repeats=1)
+    assert not predicted["measured"] and measured["measured"]
+    assert predicted["flops"] == measured["flops"] > 0
+    assert measured["step_s"] > 0 and "measured on this CPU" in measured["basis"]
+    assert "predicted" in predicted["basis"]

@@ -29,9 +29,9 @@ from other processes inflates it less than wall time), each part of the data pat
 It also runs the data path as training does (the real `ReplaySet` + `EpochSampler` DataLoaders
 with 1, 2 and 4 workers per loader, targets read one batch ahead in this process) and measures its
 steps/s and its CPU per step, workers and this process together: the parts' sum leaves out the
-hand-over between processes. The model's step time is predicted from its FLOP count (the
-student's forward and backward on 16 crops and the EMA forward on 8, counted on the meta device)
-at `MFU` of the H200's dense bf16 peak; `bench step --full` on a GPU measures the real step.
+hand-over between processes. The model's step (the student's forward and backward on 16 crops, the EMA forward on 8,
+the AdamW step) is measured on a GPU under bf16 autocast; without one it is predicted from its FLOP
+count (counted on the meta device) at `MFU` of the H200's dense bf16 peak.
 Verdict: loader cores one GPU needs to never wait = the data path's measured CPU seconds per step
 (the most of the three worker counts) / model step seconds (goal ≤ 4).
 """
@@ -99,34 +99,70 @@ def _targets_store(path: Path, n: int, a: int, shapes: dict[str, tuple[int, int,
     return str(path)
 
 
-def _model_flops(f: dict, crop: int, batch: int) -> int:
-    """FLOPs of the cached step's model work at (crop, batch + batch): EMA forward on the unlabeled
-    batch, student forward and backward on both, counted on the meta device (no memory, no time)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
+def _models(f: dict, crop: int, device: str | torch.device) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """The student (DINOv2-S/14 + the recipe's DPT head, translators, projections) and its EMA
+    twin at the feed sizes, random weights, on `device` ("meta": no memory, for counting)."""
     from ..model import Student, TeacherSlot
     from ..recipe import load_recipe
 
     st = load_recipe(None).student
     slots = [TeacherSlot(n, d, int(round(t ** 0.5)), size) for n, (t, d, size) in f["targets"].items()]
-    with torch.device("meta"):
+    with torch.device(device):
         student = Student(f["student"]["encoder"], 7, crop, slots, st.decoder, st.fusion_weights,
                           f["student"]["translator_hidden"], pretrained=None, **f["student"]["kwargs"])
         ema = Student.from_config(student.config).requires_grad_(False)
-        x = torch.zeros(2 * batch, 3, crop, crop)
+    return student, ema
+
+
+def _model_work(student: torch.nn.Module, ema: torch.nn.Module, x: torch.Tensor, batch: int) -> None:
+    """The cached step's model work: EMA forward on the unlabeled batch, student forward and
+    backward on both."""
+    with torch.no_grad():
+        ema(x[:batch])
+    out = student(x)
+    (out.logits.float().mean() + sum(v.float().mean() for v in out.translated.values())).backward()
+
+
+def _model_flops(f: dict, crop: int, batch: int) -> int:
+    """FLOPs of `_model_work` at (crop, batch + batch), counted on the meta device."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    student, ema = _models(f, crop, "meta")
     with FlopCounterMode(display=False) as counter:
-        with torch.no_grad():
-            ema(x[:batch])
-        out = student(x)
-        (out.logits.float().mean() + sum(v.float().mean() for v in out.translated.values())).backward()
+        _model_work(student, ema, torch.zeros(2 * batch, 3, crop, crop, device="meta"), batch)
     return int(counter.get_total_flops())
 
 
-def _gpu_step_s(flops: int) -> dict:
-    """The model step predicted from its FLOPs (`bench step --full` on a GPU measures the real one)."""
-    return {"predicted_s": flops / (H200_BF16_DENSE_FLOPS * MFU),
-            "basis": f"predicted: {flops / 1e12:.2f} TFLOP at {MFU:.0%} of the H200's "
-                     f"{H200_BF16_DENSE_FLOPS / 1e12:.0f} TFLOP/s dense bf16"}
+def _model_step(f: dict, crop: int, batch: int, device: str, measure: bool, repeats: int = 10) -> dict:
+    """The model step: with `measure` (a GPU), `_model_work` under bf16 autocast plus the AdamW
+    step, timed (median of `repeats` after 3 warm-ups); otherwise predicted from its FLOPs at
+    `MFU` of the H200's peak."""
+    flops = _model_flops(f, crop, batch)
+    if not measure:
+        return {"flops": flops, "step_s": flops / (H200_BF16_DENSE_FLOPS * MFU), "measured": False,
+                "basis": f"predicted: {flops / 1e12:.2f} TFLOP at {MFU:.0%} of the H200's "
+                         f"{H200_BF16_DENSE_FLOPS / 1e12:.0f} TFLOP/s dense bf16"}
+    dev = torch.device(device)
+    student, ema = _models(f, crop, dev)
+    optimizer = torch.optim.AdamW(student.parameters(), lr=1e-6)
+    x = torch.rand(2 * batch, 3, crop, crop, device=dev)
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    times = []
+    for k in range(3 + repeats):
+        sync()
+        t0 = time.perf_counter()
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
+            _model_work(student, ema, x, batch)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        sync()
+        if k >= 3:
+            times.append(time.perf_counter() - t0)
+    step = float(np.median(times))
+    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "this CPU"
+    return {"flops": flops, "step_s": step, "measured": True,
+            "basis": f"measured on {name}: {flops / 1e12:.2f} TFLOP in {step * 1e3:.1f} ms, "
+                     f"{flops / step / 1e12:.0f} TFLOP/s"}
 
 
 def bench_feed(ctx: Context) -> dict:
@@ -262,8 +298,7 @@ def bench_feed(ctx: Context) -> dict:
                  "strong+cutmix (device, batched)": _cpu_ms(strong_device, reps),
                  "host→device transfer": copy["after"]["transfer_ms"]}
 
-    flops = _model_flops(f, crop, batch)
-    gpu = _gpu_step_s(flops)
+    gpu = _model_step(f, crop, batch, ctx.device, measure=torch.device(ctx.device).type == "cuda")
     pin = torch.device(ctx.device).type == "cuda"
     throughput = _loader_rates(ds, ids, views, crop, readers["after"], batch, snap, f["loader_steps"], f["workers"],
                                EpochSampler, ReplaySet, pin)
@@ -271,17 +306,17 @@ def bench_feed(ctx: Context) -> dict:
     # counts), plus pinning where this machine could not pin; the parts' sum misses the hand-over
     measured = max(r["cpu_ms_per_step"] for r in throughput.values()) / 1e3 + \
         (0.0 if pin else parts["pin (host memcpy)"]["after"] / 1e3)
-    cores = {w: loader[w] / gpu["predicted_s"] for w in loader} | {"measured": measured / gpu["predicted_s"]}
+    cores = {w: loader[w] / gpu["step_s"] for w in loader} | {"measured": measured / gpu["step_s"]}
     return {"sizes": {"crop": crop, "batch": f"{batch} + {batch}", "tiles": n, "scene": f["scene"],
                       "targets": {k: list(v) for k, v in f["targets"].items()}, "codec_after": _codec_name(),
                       "codec_before": "zstd3-bitshuffle"},
             "cpu_ms_per_step": parts, "device_ms_per_step": device_ms, "loader_cpu_s_per_step": loader,
-            "bytes_per_step": nbytes, "model": {"flops": flops, **gpu}, "loaders": throughput,
+            "bytes_per_step": nbytes, "model": gpu, "loaders": throughput,
             "ratios": {"loader cores per GPU": {
                 "value": cores["measured"], "goal": "<= 4",
                 "absolute": f"{measured * 1e3:.0f} ms loader CPU per step through the real loaders (the parts: "
                             f"{loader['after'] * 1e3:.0f} ms; before: {loader['before'] * 1e3:.0f} ms, "
-                            f"{cores['before']:.1f} cores) vs {gpu['predicted_s'] * 1e3:.1f} ms model step ({gpu['basis']})"}},
+                            f"{cores['before']:.1f} cores) vs {gpu['step_s'] * 1e3:.1f} ms model step ({gpu['basis']})"}},
             "markdown": _table(parts, device_ms, loader, throughput, gpu, cores)}
 
 
@@ -389,7 +424,7 @@ def _table(parts: dict, device_ms: dict, loader: dict, rates: dict, gpu: dict, c
     lines += [f"| {k} | {v['before']:.1f} | {v['after']:.1f} |" for k, v in parts.items()]
     lines.append(f"| **loader total** | **{loader['before'] * 1e3:.0f}** | **{loader['after'] * 1e3:.0f}** |")
     lines += [f"| {k} (device work, not loader) | - | {v:.1f} |" for k, v in device_ms.items()]
-    lines += ["", f"model step: {gpu['predicted_s'] * 1e3:.1f} ms ({gpu['basis']}); loader cores needed per GPU: "
+    lines += ["", f"model step: {gpu['step_s'] * 1e3:.1f} ms ({gpu['basis']}); loader cores needed per GPU: "
                   f"{cores['before']:.1f} before, {cores['after']:.1f} after by the parts, **{cores['measured']:.1f} "
                   "measured through the real loaders** (goal <= 4)",
               "loader steps/s (labeled + unlabeled loaders, N workers each, on this machine): "
