@@ -25,6 +25,7 @@ every shard, consolidates metadata, sets `complete`).
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import os
 import shutil
@@ -36,6 +37,7 @@ from pathlib import Path
 import numpy as np
 import zarr
 import zarr.storage
+from zarr.core.sync import sync as zarr_sync
 from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
 
 from . import __version__
@@ -375,7 +377,7 @@ class FeatureCache:
 
 class CacheReader:
     """Targets of (sample, view), read one chunk per teacher; opens the store lazily in each
-    DataLoader worker (it pickles as just a URL)."""
+    process that reads (it pickles as just a URL)."""
 
     def __init__(self, url: str, teachers: list[str], storage: str, ids: list[str]) -> None:
         self.url, self.teachers, self.storage, self.ids = url, teachers, storage, ids
@@ -387,46 +389,67 @@ class CacheReader:
         return {**self.__dict__, "_group": None, "_arrays": {}, "_files": {}}
 
     def _array(self, path: str) -> zarr.Array:
+        if self._group is None:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                self._group = zarr.open_group(store=_store(self.url, read_only=True), mode="r")
         if path not in self._arrays:
             self._arrays[path] = self._group[path]
+            self._files[path] = ShardFile.of(self._arrays[path])
         return self._arrays[path]
 
-    def _chunk(self, path: str, i: int, a: int) -> np.ndarray:
-        """One (sample, view) chunk: straight from its local shard file where the codecs allow."""
-        if path not in self._files:
-            self._files[path] = ShardFile.of(self._array(path))
-        direct = self._files[path]
-        if direct is None:
-            return self._array(path)[i, a]
-        return direct.read((i, a) + (0,) * (len(direct.chunk) - 2))[0, 0]
+    def _fetch(self, paths: list[str], pairs: list[tuple[int, int]]) -> dict:
+        """{(path, i, a): chunk or the exception reading it}: straight from the local shard files
+        where the codecs allow, else all of them at once through zarr's async API (so a remote
+        store costs one round trip for the batch, not one per chunk)."""
+        out, pending = {}, []
+        for path in paths:
+            self._array(path)
+            direct = self._files[path]
+            for i, a in pairs:
+                if direct is None:
+                    pending.append((path, i, a))
+                    continue
+                try:
+                    out[path, i, a] = direct.read((i, a) + (0,) * (len(direct.chunk) - 2))[0, 0]
+                except Exception as exc:  # noqa: BLE001 - judged with its chunk's name in `read_batch`
+                    out[path, i, a] = exc
+        if pending:
+            async def every() -> list:
+                return await asyncio.gather(*(self._arrays[p]._async_array.getitem((i, a)) for p, i, a in pending),
+                                            return_exceptions=True)
+            out.update(zip(pending, zarr_sync(every())))
+        return out
 
     def read(self, i: int, a: int, as_stored: bool = False) -> dict[str, np.ndarray]:
         """Targets of sample i, view a, as float32 (`as_stored`: float16 caches' targets stay float16,
         half the bytes to collate and copy; training widens them on the device); damaged or missing
         chunks end in one line naming them."""
-        if self._group is None:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                self._group = zarr.open_group(store=_store(self.url, read_only=True), mode="r")
-        out = {}
-        for name in self.teachers:
-            where = f"teacher '{name}', sample {i} ('{self.ids[i]}') view {a}"
-            try:
-                x = self._chunk(f"teachers/{name}", i, a)
-                if self.storage == "int8":
-                    x = x.astype(np.float32) * self._chunk(f"scales/{name}", i, a).astype(np.float32)[:, None]
-            except OSError as exc:  # the store itself failed (network, permissions): not damage
-                raise RsmtdfError(f"{self.url}: cannot read {where} ({exc.strerror or exc})") from None
-            except Exception as exc:  # noqa: BLE001 - any codec's failure on stored bytes is damage
-                raise RsmtdfError(f"{self.url}: damaged chunk of {where} ({decode_problem(exc)}); "
-                                  f"{repair_hint(self.url)}") from None
-            if not (as_stored and x.dtype == np.float16):
-                x = x.astype(np.float32)
-            if has_nan(x):
-                raise RsmtdfError(f"{self.url}: no data for {where} (its shard is unwritten or was deleted); "
-                                  f"{repair_hint(self.url)}")
-            out[name] = x
-        return out
+        return self.read_batch([(i, a)], as_stored)[0]
+
+    def read_batch(self, pairs: list[tuple[int, int]], as_stored: bool = False) -> list[dict[str, np.ndarray]]:
+        """`read` of each (sample, view), the chunks fetched together (`_fetch`)."""
+        paths = [f"teachers/{n}" for n in self.teachers] + \
+            ([f"scales/{n}" for n in self.teachers] if self.storage == "int8" else [])
+        chunks = self._fetch(paths, pairs)
+        return [{name: self._target(name, i, a, chunks, as_stored) for name in self.teachers} for i, a in pairs]
+
+    def _target(self, name: str, i: int, a: int, chunks: dict, as_stored: bool) -> np.ndarray:
+        where = f"teacher '{name}', sample {i} ('{self.ids[i]}') view {a}"
+        parts = [chunks[f"teachers/{name}", i, a]] + ([chunks[f"scales/{name}", i, a]] if self.storage == "int8" else [])
+        for exc in (p for p in parts if isinstance(p, BaseException)):
+            if isinstance(exc, OSError):  # the store itself failed (network, permissions): not damage
+                raise RsmtdfError(f"{self.url}: cannot read {where} ({exc.strerror or exc})")
+            raise RsmtdfError(f"{self.url}: damaged chunk of {where} ({decode_problem(exc)}); {repair_hint(self.url)}")
+        x = parts[0]
+        if self.storage == "int8":
+            x = x.astype(np.float32) * parts[1].astype(np.float32)[:, None]
+        if not (as_stored and x.dtype == np.float16):
+            x = x.astype(np.float32)
+        if has_nan(x):
+            raise RsmtdfError(f"{self.url}: no data for {where} (its shard is unwritten or was deleted); "
+                              f"{repair_hint(self.url)}")
+        return x
 
 
 def has_nan(x: np.ndarray) -> bool:

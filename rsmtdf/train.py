@@ -165,7 +165,7 @@ def read_targets(reader: CacheReader, index: torch.Tensor, view: torch.Tensor, p
     """A batch's targets (B, tokens, dim) per teacher, as stored (float16 stays float16), in
     page-locked memory when `pin`. Read by the training process, not the loader workers: at 518 px
     the 42 MB of a step cost the workers more to hand over than to read (`bench feed`)."""
-    rows = [reader.read(int(i), int(a), as_stored=True) for i, a in zip(index, view)]
+    rows = reader.read_batch([(int(i), int(a)) for i, a in zip(index, view)], as_stored=True)
     return {name: torch.stack([torch.from_numpy(r[name]) for r in rows],
                               out=torch.empty((len(rows), *rows[0][name].shape), pin_memory=pin,
                                               dtype=torch.from_numpy(rows[0][name]).dtype))

@@ -251,3 +251,37 @@ def test_fsspec_url_output(tiny):
         assert np.array_equal(cache.reader().read(i, 1)["effnet_lite0"], local.reader().read(i, 1)["effnet_lite0"])
     again, *_ = _extract(recipe, "memory://rsmtdf-test/cache")
     assert again.shards_skipped == 3
+
+
+def test_a_batch_read_through_zarr_has_all_its_chunks_in_flight_at_once(tmp_path, monkeypatch):
+    """Stores without the direct shard-file path (object storage, other codecs) read a batch's
+    chunks concurrently through zarr's async API: the batch waits about one round trip, not one per
+    chunk. The store here sees every chunk request in flight together, and the values are zarr's."""
+    import asyncio
+
+    import rsmtdf.cache as cache_mod
+    from rsmtdf.bench.feed import _targets_store
+    from rsmtdf.cache import CacheReader
+
+    class InFlight(zarr.storage.WrapperStore):
+        now = peak = 0
+
+        async def get(self, key, prototype, byte_range=None):
+            InFlight.now += 1
+            InFlight.peak = max(InFlight.peak, InFlight.now)
+            try:
+                await asyncio.sleep(0.01)  # a round trip
+                return await super().get(key, prototype, byte_range)
+            finally:
+                InFlight.now -= 1
+
+    shapes = {"t1": (9, 8, 28), "t2": (4, 16, 28)}
+    url = _targets_store(tmp_path / "c.zarr", 6, 2, shapes, None, 3)
+    monkeypatch.setattr(cache_mod, "_store", lambda u, read_only: InFlight(zarr.storage.LocalStore(u, read_only=True)))
+    pairs = [(i, i % 2) for i in range(6)]
+    rows = CacheReader(url, list(shapes), "float16", [str(i) for i in range(6)]).read_batch(pairs, as_stored=True)
+    group = zarr.open_group(url, mode="r")
+    for (i, a), row in zip(pairs, rows):
+        for name in shapes:
+            assert np.array_equal(row[name], group[f"teachers/{name}"][i, a])
+    assert InFlight.peak >= len(pairs) * len(shapes), InFlight.peak

@@ -13,7 +13,7 @@ from .common import Context, _stream, interleaved_times, step_flops, wait_idle
 
 
 class MemoryReader:
-    """Every target of a cache held in RAM behind CacheReader's `read(i, a)`: the floor any cache
+    """Every target of a cache held in RAM behind CacheReader's `read_batch`: the floor any cache
     reader is measured against, through the same loader path."""
 
     def __init__(self, reader) -> None:
@@ -22,8 +22,8 @@ class MemoryReader:
         group = zarr.open_group(reader.url, mode="r")
         self.targets = {n: group[f"teachers/{n}"][:].astype(np.float32) for n in reader.teachers}
 
-    def read(self, i: int, a: int, as_stored: bool = False) -> dict[str, np.ndarray]:
-        return {n: t[i, a] for n, t in self.targets.items()}
+    def read_batch(self, pairs: list[tuple[int, int]], as_stored: bool = False) -> list[dict[str, np.ndarray]]:
+        return [{n: t[i, a] for n, t in self.targets.items()} for i, a in pairs]
 
 
 def _memory_twin(trainer):
