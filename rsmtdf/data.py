@@ -558,10 +558,10 @@ def unit_pixels(pixels: torch.Tensor, max_value: float | Sequence[float] | None 
     x = pixels.to(torch.float32, copy=True)
     if low is not None:
         x -= torch.tensor(np.asarray(low, np.float32), device=x.device)
-    x = (x / max_value).clamp_(0.0, 1.0)
+    x = x.div_(max_value).clamp_(0.0, 1.0)
     invalid = torch.isnan(x).any(-1) if pixels.dtype.is_floating_point else None  # integers hold no NaN
     if valid is not None:
         invalid = ~valid if invalid is None else invalid | ~valid
     if invalid is not None:
-        x[invalid] = torch.tensor(fill, dtype=torch.float32, device=x.device)
+        x = torch.where(invalid[..., None], torch.tensor(fill, dtype=torch.float32, device=x.device), x)
     return x

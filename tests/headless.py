@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import re
+import signal
 import shutil
 import subprocess
 import tempfile
@@ -24,10 +26,12 @@ def open_page(page: Path, screenshot: Path, width: int = 1200, max_height: int =
     and write a PNG screenshot of the top of the page (at most `max_height` px)."""
     import websocket
 
-    with tempfile.TemporaryDirectory() as profile:
+    # Chromium's helper processes may still be writing the profile when it is removed
+    with tempfile.TemporaryDirectory(ignore_cleanup_errors=True) as profile:
         proc = subprocess.Popen([find_browser(), "--headless=new", "--no-sandbox", "--disable-gpu",
                                  "--no-first-run", "--remote-debugging-port=0", f"--user-data-dir={profile}",
-                                 "about:blank"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                                 "about:blank"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                                start_new_session=True)
         try:
             url = _devtools_url(proc, timeout)
             ws = websocket.create_connection(url, timeout=timeout, suppress_origin=True)
@@ -48,7 +52,7 @@ def open_page(page: Path, screenshot: Path, width: int = 1200, max_height: int =
             ws.close()
             return {"errors": cdp.errors, "images": images}
         finally:
-            proc.kill()
+            os.killpg(proc.pid, signal.SIGKILL)  # the browser and its helper processes
             proc.wait()
 
 
