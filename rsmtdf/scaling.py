@@ -33,7 +33,7 @@ import torch
 from rasterio.errors import NotGeoreferencedWarning, RasterioIOError
 
 from .bandstats import read_band_stats, stats_path
-from .data import NODATA_FILL, SegmentationDataset, pick_bands, unit_pixels
+from .data import NODATA_FILL, SegmentationDataset, pick_bands, to_unit_rgb, unit_pixels
 from .errors import RsmtdfError
 from .recipe import Recipe
 
@@ -60,8 +60,8 @@ class BandScaling:
 
     def unit(self, image: np.ndarray, valid: np.ndarray | None = None) -> np.ndarray:
         """H×W×C raster (all its bands) → H×W×len(bands) float32 in [0, 1]; invalid pixels get `fill`."""
-        return self.unit_tensor(torch.from_numpy(self.pick(image)),
-                                None if valid is None else torch.from_numpy(valid)).numpy()
+        divisor, low = self._numbers()
+        return to_unit_rgb(image, self.bands, divisor, valid, low, self._fill())
 
     def pick(self, image: np.ndarray) -> np.ndarray:
         """The raster's bands this scaling reads, in its dtype: what a loader worker ships."""
@@ -69,10 +69,15 @@ class BandScaling:
 
     def unit_tensor(self, picked: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
         """`unit` of `pick`'s bands as a tensor, on whichever device they are."""
+        divisor, low = self._numbers()
+        return unit_pixels(picked, divisor, valid, low, self._fill())
+
+    def _numbers(self) -> tuple[float | Sequence[float] | None, Sequence[float] | None]:
+        """(divisor, low) of `to_unit_rgb`: `high - low` and `low`, or `high` alone when low is 0."""
         high = self.max_value if self.high is None else self.high
         if self.low is not None and any(self.low):
-            return unit_pixels(picked, np.subtract(high, self.low), valid, self.low, self._fill())
-        return unit_pixels(picked, high, valid, fill=self._fill())
+            return np.subtract(high, self.low), self.low
+        return high, None
 
     def _fill(self) -> Sequence[float]:
         return NODATA_FILL if self.fill is None else self.fill

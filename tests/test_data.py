@@ -134,3 +134,29 @@ def test_committed_loveda_splits_are_make_splits_of_the_official_numbering(tmp_p
     make_splits(ds, tmp_path, seed=0)
     assert splits_sha256(tmp_path) == splits_sha256(ROOT / "pipeline" / "splits" / "loveda")
     assert len(read_list(tmp_path, "1pct/labeled")) == 101  # 1 % of 5464 rural + 4624 urban tiles
+
+
+def test_the_devices_scaling_is_bit_equal_to_the_hosts():
+    """`unit_pixels` (tensors, what training runs on the device) and `to_unit_rgb` (numpy, the
+    CPU's faster path) are one arithmetic: bit-equal for 8/16-bit, signed and float rasters, with
+    NaN, nodata masks, per-band low/high, a fill, band selection and a single band repeated."""
+    import torch
+
+    from rsmtdf.data import pick_bands, to_unit_rgb, unit_pixels
+
+    rng = np.random.default_rng(0)
+    for dtype, top in ((np.uint8, 255), (np.uint16, 4000), (np.int16, 3000), (np.float32, 2.0)):
+        image = (rng.random((40, 50, 4)) * top).astype(dtype)
+        if dtype == np.float32:
+            image[3, 4, 1] = np.nan
+        valid = rng.random((40, 50)) > 0.1
+        for bands, kw in (((0, 1, 2), {}), ((2, 0, 1), {"max_value": 200.0}),
+                          ((3, 0, 1), {"max_value": [100, 200, 300], "low": [10, 0, 5], "valid": valid}),
+                          ((0, 1, 2, 3), {"valid": valid, "fill": (0.1, 0.2, 0.3, 0.0)})):
+            want = to_unit_rgb(image, bands, **kw)
+            tensor_kw = {**kw, "valid": torch.from_numpy(kw["valid"])} if "valid" in kw else kw
+            got = unit_pixels(torch.from_numpy(pick_bands(image, bands)), **tensor_kw).numpy()
+            assert got.dtype == want.dtype == np.float32 and np.array_equal(got, want), (dtype, bands, kw)
+        single = image[..., :1]
+        assert np.array_equal(unit_pixels(torch.from_numpy(pick_bands(single, (0, 1, 2)))).numpy(),
+                              to_unit_rgb(single, (0, 1, 2)))
