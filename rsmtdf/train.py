@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 import torchvision.transforms.v2.functional as TF
-from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
+from torch.utils.data import DataLoader, Dataset, Sampler, default_collate, get_worker_info
 from tqdm import tqdm
 
 from . import splits as splits_mod
@@ -88,7 +88,7 @@ def cutmix_box(size: int, snap: int, rng: np.random.Generator, p: float = 0.5) -
     return box_masks(draw_box(size, snap, rng, p)[None], size)[0]
 
 
-RAGGED = ("pixels", "valid")  # item keys whose tensors differ in size between samples: kept as lists
+RAGGED = ("pixels", "valid")  # item keys whose tensors differ in size between samples
 
 
 def loader_pixels(sample: Sample, view: View, crop: int, scaling: BandScaling, labeled: bool) -> dict:
@@ -106,21 +106,43 @@ def loader_pixels(sample: Sample, view: View, crop: int, scaling: BandScaling, l
 
 
 def render_crops(batch: dict, views: np.ndarray, crop: int, scaling: BandScaling, device: torch.device) -> torch.Tensor:
-    """The batch's clean crops (B, C, crop, crop), made on `device` from the workers' windows:
-    the same pixels as `view_tensor(scaling.unit(image), ...)` of the whole sample."""
+    """The batch's clean crops (B, C, crop, crop), made on `device` from the workers' windows
+    (one copy of all of them): the same pixels as `view_tensor(scaling.unit(image), ...)` of the
+    whole sample."""
+    flat = {k: batch[k].to(device, non_blocking=True) for k in RAGGED}
+    parts = {k: _unflatten(flat[k], batch[f"{k}_shape"]) for k in RAGGED}
     crops = []
-    for pixels, valid, shape, i, a in zip(batch["pixels"], batch["valid"], batch["shape"], batch["index"], batch["view"]):
-        unit = scaling.unit_tensor(pixels.to(device, non_blocking=True),
-                                   valid.to(device, non_blocking=True) if valid.numel() else None)
+    for pixels, valid, shape, i, a in zip(parts["pixels"], parts["valid"], batch["shape"], batch["index"], batch["view"]):
+        unit = scaling.unit_tensor(pixels, valid if valid.numel() else None)
         crops.append(render_image(unit.permute(2, 0, 1), View.from_array(views[int(i), int(a)]), crop,
                                   tuple(shape.tolist())))
     return torch.stack(crops)
 
 
 def collate(items: list[dict]) -> dict:
-    """`default_collate`, except the windows (`RAGGED`), which stay lists of tensors."""
+    """`default_collate`, except the windows (`RAGGED`): each key's tensors flattened into one, with
+    their shapes beside (`<key>_shape`), so a batch crosses processes and reaches the device in a
+    few pieces, not one per sample."""
     batch = default_collate([{k: v for k, v in item.items() if k not in RAGGED} for item in items])
-    return {**batch, **{k: [item[k] for item in items] for k in RAGGED if k in items[0]}}
+    for k in RAGGED:
+        batch[k] = _joined([item[k].reshape(-1) for item in items])
+        batch[f"{k}_shape"] = torch.tensor([item[k].shape if item[k].numel() else (0,) * 2 for item in items])
+    return batch
+
+
+def _joined(flats: list[torch.Tensor]) -> torch.Tensor:
+    """torch.cat of 1-D tensors; in a loader worker written straight into shared memory, as
+    `default_collate` does, so handing it over copies nothing."""
+    n = sum(t.numel() for t in flats)
+    if get_worker_info() is None:
+        return torch.cat(flats)
+    out = torch.empty(0, dtype=flats[0].dtype).set_(torch.UntypedStorage._new_shared(n * flats[0].element_size()))
+    return torch.cat(flats, out=out.view(n))
+
+
+def _unflatten(flat: torch.Tensor, shapes: torch.Tensor) -> list[torch.Tensor]:
+    sizes = shapes.prod(1).tolist()
+    return [t.view(*shape) for t, shape in zip(flat.split(sizes), shapes.tolist())]
 
 
 class ReplaySet(Dataset):
