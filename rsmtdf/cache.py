@@ -427,28 +427,64 @@ class CacheReader:
         chunks end in one line naming them."""
         return self.read_batch([(i, a)], as_stored)[0]
 
-    def read_batch(self, pairs: list[tuple[int, int]], as_stored: bool = False) -> list[dict[str, np.ndarray]]:
-        """`read` of each (sample, view), the chunks fetched together (`_fetch`)."""
-        paths = [f"teachers/{n}" for n in self.teachers] + \
-            ([f"scales/{n}" for n in self.teachers] if self.storage == "int8" else [])
+    def read_batch(self, pairs: list[tuple[int, int]], as_stored: bool = False,
+                   teachers: list[str] | None = None) -> list[dict[str, np.ndarray]]:
+        """`read` of each (sample, view) (of `teachers`, default all), the chunks fetched together."""
+        names = self.teachers if teachers is None else teachers
+        paths = [f"teachers/{n}" for n in names] + ([f"scales/{n}" for n in names] if self.storage == "int8" else [])
         chunks = self._fetch(paths, pairs)
-        return [{name: self._target(name, i, a, chunks, as_stored) for name in self.teachers} for i, a in pairs]
+        return [{name: self._target(name, i, a, chunks, as_stored) for name in names} for i, a in pairs]
+
+    def layout(self) -> dict[str, tuple[tuple[int, int], np.dtype]]:
+        """Per teacher, the (tokens, dim) and dtype of `read(..., as_stored=True)`'s targets."""
+        dtype = np.dtype(np.float16 if self.storage == "float16" else np.float32)
+        return {n: (tuple(self._array(f"teachers/{n}").shape[2:]), dtype) for n in self.teachers}
+
+    def read_into(self, pairs: list[tuple[int, int]], out: dict[str, np.ndarray]) -> None:
+        """`read_batch(pairs, as_stored=True)` written into `out[teacher][j]` (arrays of `layout`'s
+        shapes, e.g. pinned batches): local uncompressed chunks go from the file straight there."""
+        direct = [n for n in self.teachers if self.storage != "int8" and self._direct(f"teachers/{n}")]
+        for name in direct:
+            for j, (i, a) in enumerate(pairs):
+                try:
+                    self._files[f"teachers/{name}"].read_into((i, a, 0, 0), out[name][j][None, None])
+                except Exception as exc:  # noqa: BLE001 - judged with its chunk's name
+                    raise self._unreadable(exc, name, i, a) from None
+                self._check(out[name][j], name, i, a)
+        rest = [n for n in self.teachers if n not in direct]
+        for j, row in enumerate(self.read_batch(pairs, True, rest) if rest else []):
+            for name in rest:
+                out[name][j] = row[name]
+
+    def _direct(self, path: str) -> bool:
+        self._array(path)
+        return self._files[path] is not None
+
+    def _where(self, name: str, i: int, a: int) -> str:
+        return f"teacher '{name}', sample {i} ('{self.ids[i]}') view {a}"
+
+    def _unreadable(self, exc: BaseException, name: str, i: int, a: int) -> RsmtdfError:
+        """The one line for a chunk that could not be read or decoded."""
+        if isinstance(exc, OSError):  # the store itself failed (network, permissions): not damage
+            return RsmtdfError(f"{self.url}: cannot read {self._where(name, i, a)} ({exc.strerror or exc})")
+        return RsmtdfError(f"{self.url}: damaged chunk of {self._where(name, i, a)} ({decode_problem(exc)}); "
+                           f"{repair_hint(self.url)}")
+
+    def _check(self, x: np.ndarray, name: str, i: int, a: int) -> None:
+        if has_nan(x):
+            raise RsmtdfError(f"{self.url}: no data for {self._where(name, i, a)} (its shard is unwritten or was "
+                              f"deleted); {repair_hint(self.url)}")
 
     def _target(self, name: str, i: int, a: int, chunks: dict, as_stored: bool) -> np.ndarray:
-        where = f"teacher '{name}', sample {i} ('{self.ids[i]}') view {a}"
         parts = [chunks[f"teachers/{name}", i, a]] + ([chunks[f"scales/{name}", i, a]] if self.storage == "int8" else [])
         for exc in (p for p in parts if isinstance(p, BaseException)):
-            if isinstance(exc, OSError):  # the store itself failed (network, permissions): not damage
-                raise RsmtdfError(f"{self.url}: cannot read {where} ({exc.strerror or exc})")
-            raise RsmtdfError(f"{self.url}: damaged chunk of {where} ({decode_problem(exc)}); {repair_hint(self.url)}")
+            raise self._unreadable(exc, name, i, a)
         x = parts[0]
         if self.storage == "int8":
             x = x.astype(np.float32) * parts[1].astype(np.float32)[:, None]
         if not (as_stored and x.dtype == np.float16):
             x = x.astype(np.float32)
-        if has_nan(x):
-            raise RsmtdfError(f"{self.url}: no data for {where} (its shard is unwritten or was deleted); "
-                              f"{repair_hint(self.url)}")
+        self._check(x, name, i, a)
         return x
 
 

@@ -53,26 +53,37 @@ class ShardFile:
     def read(self, chunk: tuple[int, ...]) -> np.ndarray:
         """The chunk at chunk-grid coordinates `chunk`; the fill value, as zarr reads it, where it
         was never written (its shard file or its index entry missing)."""
+        out = np.empty(self.chunk, self.dtype)
+        self.read_into(chunk, out)
+        return out
+
+    def read_into(self, chunk: tuple[int, ...], out: np.ndarray) -> None:
+        """`read` into `out` (C-contiguous, of the chunk's size and dtype, e.g. a row of a pinned
+        batch): the bytes go from the file straight into it."""
         shard = tuple(c // p for c, p in zip(chunk, self.per_shard))
         local = np.ravel_multi_index(tuple(c % p for c, p in zip(chunk, self.per_shard)), self.per_shard)
         try:
             fd = os.open(self.folder / self.encoding.encode_chunk_key(shard), os.O_RDONLY)
         except FileNotFoundError:
-            return self._unwritten()
+            out[...] = self.fill
+            return
         try:
             index = _checked(_pread(fd, self.index_bytes, os.fstat(fd).st_size - self.index_bytes), "shard index")
             offset, length = (int(v) for v in index.view("<u8")[2 * local : 2 * local + 2])
             if offset == length == MISSING:
-                return self._unwritten()
-            data = _checked(_pread(fd, length, offset), "chunk")
+                out[...] = self.fill
+                return
+            if length != out.nbytes + 4:
+                raise ShardDamaged(f"chunk of {length - 4} bytes where {self.chunk} {self.dtype} were written")
+            data, crc = out.reshape(-1).view(np.uint8), np.empty(4, np.uint8)
+            if os.preadv(fd, [data, crc], offset) != length:
+                raise ShardDamaged(f"shard file ends inside a chunk (checksum not readable at {offset}+{length})")
         finally:
             os.close(fd)
-        if data.size != math.prod(self.chunk) * self.dtype.itemsize:
-            raise ShardDamaged(f"chunk of {data.size} bytes where {self.chunk} {self.dtype} were written")
-        return data.view(self.dtype).reshape(self.chunk)
-
-    def _unwritten(self) -> np.ndarray:
-        return np.full(self.chunk, self.fill, self.dtype)
+        seen = data.view()
+        seen.flags.writeable = False  # the checksum library takes read-only buffers only
+        if google_crc32c.value(seen) != int.from_bytes(crc.tobytes(), "little"):
+            raise ShardDamaged("chunk checksum mismatch")
 
 
 def _pread(fd: int, length: int, offset: int) -> np.ndarray:

@@ -184,14 +184,14 @@ class ReplaySet(Dataset):
 
 
 def read_targets(reader: CacheReader, index: torch.Tensor, view: torch.Tensor, pin: bool) -> dict[str, torch.Tensor]:
-    """A batch's targets (B, tokens, dim) per teacher, as stored (float16 stays float16), in
-    page-locked memory when `pin`. Read by the training process, not the loader workers: at 518 px
-    the 42 MB of a step cost the workers more to hand over than to read (`bench feed`)."""
-    rows = reader.read_batch([(int(i), int(a)) for i, a in zip(index, view)], as_stored=True)
-    return {name: torch.stack([torch.from_numpy(r[name]) for r in rows],
-                              out=torch.empty((len(rows), *rows[0][name].shape), pin_memory=pin,
-                                              dtype=torch.from_numpy(rows[0][name]).dtype))
-            for name in rows[0]}
+    """A batch's targets (B, tokens, dim) per teacher, as stored (float16 stays float16), read
+    straight into page-locked memory when `pin`. Read by the training process, not the loader
+    workers: at 518 px the 42 MB of a step cost the workers more to hand over than to read."""
+    out = {name: torch.from_numpy(np.empty((len(index), *shape), dtype)) for name, (shape, dtype) in reader.layout().items()}
+    if pin:
+        out = {name: torch.empty_like(t, pin_memory=True) for name, t in out.items()}
+    reader.read_into([(int(i), int(a)) for i, a in zip(index, view)], {name: t.numpy() for name, t in out.items()})
+    return out
 
 
 def one_ahead(items: Iterator, work: Callable) -> Iterator[tuple[object, object]]:

@@ -9,21 +9,25 @@ import itertools
 
 import numpy as np
 
+from ..cache import CacheReader
 from .common import Context, _stream, interleaved_times, step_flops, wait_idle
 
 
-class MemoryReader:
-    """Every target of a cache held in RAM behind CacheReader's `read_batch`: the floor any cache
+class MemoryReader(CacheReader):
+    """Every target of a cache held in RAM behind CacheReader's `read_into`: the floor any cache
     reader is measured against, through the same loader path."""
 
-    def __init__(self, reader) -> None:
-        import zarr
+    def __init__(self, reader: CacheReader) -> None:
+        super().__init__(reader.url, reader.teachers, reader.storage, reader.ids)
+        views = self._array(f"teachers/{self.teachers[0]}").shape[1]
+        pairs = [(i, a) for i in range(len(self.ids)) for a in range(views)]
+        rows = self.read_batch(pairs, as_stored=True)
+        self.targets = {n: {pair: row[n] for pair, row in zip(pairs, rows)} for n in self.teachers}
 
-        group = zarr.open_group(reader.url, mode="r")
-        self.targets = {n: group[f"teachers/{n}"][:].astype(np.float32) for n in reader.teachers}
-
-    def read_batch(self, pairs: list[tuple[int, int]], as_stored: bool = False) -> list[dict[str, np.ndarray]]:
-        return [{n: t[i, a] for n, t in self.targets.items()} for i, a in pairs]
+    def read_into(self, pairs: list[tuple[int, int]], out: dict[str, np.ndarray]) -> None:
+        for name, t in self.targets.items():
+            for j, pair in enumerate(pairs):
+                out[name][j] = t[pair]
 
 
 def _memory_twin(trainer):
