@@ -133,11 +133,21 @@ def collate(items: list[dict]) -> dict:
 def _joined(flats: list[torch.Tensor]) -> torch.Tensor:
     """torch.cat of 1-D tensors; in a loader worker written straight into shared memory, as
     `default_collate` does, so handing it over copies nothing."""
+    flats = _common_dtype(flats)
     n = sum(t.numel() for t in flats)
     if get_worker_info() is None:
         return torch.cat(flats)
     out = torch.empty(0, dtype=flats[0].dtype).set_(torch.UntypedStorage._new_shared(n * flats[0].element_size()))
     return torch.cat(flats, out=out.view(n))
+
+
+def _common_dtype(flats: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The tensors in the one dtype holding all their values (NumPy's promotion: torch has none for
+    uint16): a folder may mix 8- and 16-bit tiles, and the scaling's numbers do not depend on it."""
+    if len({t.dtype for t in flats}) == 1:
+        return flats
+    common = torch.from_numpy(np.empty(0, np.result_type(*(t.numpy().dtype for t in flats)))).dtype
+    return [t.to(common) for t in flats]
 
 
 def _unflatten(flat: torch.Tensor, shapes: torch.Tensor) -> list[torch.Tensor]:

@@ -102,3 +102,25 @@ def test_crops_made_on_the_device_from_the_workers_windows_are_the_whole_samples
         for k, v in enumerate(views):
             assert torch.equal(crops[k], torch.from_numpy(apply_view(whole, v, 96)).permute(2, 0, 1)), (labeled, v)
             assert np.array_equal(items[k]["mask"].numpy(), resize_and_crop(labels, v, 96)), (labeled, v)
+
+
+def test_one_batch_of_8_and_16_bit_tiles_renders_each_as_alone():
+    """A folder may mix 8- and 16-bit tiles: their windows share one flattened tensor (in the dtype
+    holding both; torch cannot promote uint16) and each renders as it would alone."""
+    import torch
+
+    from rsmtdf.data import Sample
+    from rsmtdf.scaling import BandScaling
+    from rsmtdf.train import collate, loader_pixels, render_crops
+
+    rng = np.random.default_rng(3)
+    scaling = BandScaling((0, 1, 2)).resolved("uint16")
+    views = ViewSpec(2, 48).sample("s", 64, 80)
+    table = np.stack([v.to_array() for v in views])[None]
+    images = [rng.integers(0, 60000, (64, 80, 3)).astype(np.uint16), rng.integers(0, 255, (64, 80, 3)).astype(np.uint8)]
+    items = [{**loader_pixels(Sample("s", im, np.zeros((64, 80), np.uint8)), v, 48, scaling, True), "index": 0, "view": k}
+             for im, (k, v) in zip(images, enumerate(views))]
+    together = render_crops(collate(items), table, 48, scaling, torch.device("cpu"))
+    for k, item in enumerate(items):
+        alone = render_crops(collate([item]), table, 48, scaling, torch.device("cpu"))[0]
+        assert torch.equal(together[k], alone)
