@@ -30,11 +30,12 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 import torchvision.transforms.v2.functional as TF
-from torch.utils.data import DataLoader, Dataset, Sampler, default_collate, get_worker_info
+from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
 
 from . import splits as splits_mod
 from .augment import blur_kernel_size, box_masks, draw_box, draw_strong, strong_batch
+from .batch import Batch
 from .cache import CacheReader, FeatureCache, mismatch
 from .checkpoint import load_checkpoint, save_checkpoint
 from .data import DATASETS, IGNORE, Sample, SegmentationDataset, check_bands, class_table, open_described, open_recipe_dataset
@@ -101,16 +102,15 @@ def loader_pixels(sample: Sample, view: View, crop: int, scaling: BandScaling, l
     labels = sample.mask if labeled else np.zeros(shape, np.uint8) if sample.valid is None else \
         np.where(sample.valid, 0, IGNORE).astype(np.uint8)
     return {"pixels": torch.from_numpy(np.ascontiguousarray(scaling.pick(sample.image[win]))),
-            "valid": torch.zeros(0, dtype=torch.bool) if sample.valid is None else torch.from_numpy(sample.valid[win].copy()),
+            "valid": torch.zeros((0, 0), dtype=torch.bool) if sample.valid is None else torch.from_numpy(sample.valid[win].copy()),
             "shape": torch.tensor(shape), "mask": view_tensor(labels, view, crop)}
 
 
-def render_crops(batch: dict, views: np.ndarray, crop: int, scaling: BandScaling, device: torch.device) -> torch.Tensor:
+def render_crops(batch: Batch, views: np.ndarray, crop: int, scaling: BandScaling, device: torch.device) -> torch.Tensor:
     """The batch's clean crops (B, C, crop, crop), made on `device` from the workers' windows
     (one copy of all of them): the same pixels as `view_tensor(scaling.unit(image), ...)` of the
     whole sample."""
-    flat = {k: batch[k].to(device, non_blocking=True) for k in RAGGED}
-    parts = {k: _unflatten(flat[k], batch[f"{k}_shape"]) for k in RAGGED}
+    parts = {k: batch.ragged(k, device) for k in RAGGED}
     crops = []
     for pixels, valid, shape, i, a in zip(parts["pixels"], parts["valid"], batch["shape"], batch["index"], batch["view"]):
         unit = scaling.unit_tensor(pixels, valid if valid.numel() else None)
@@ -119,40 +119,9 @@ def render_crops(batch: dict, views: np.ndarray, crop: int, scaling: BandScaling
     return torch.stack(crops)
 
 
-def collate(items: list[dict]) -> dict:
-    """`default_collate`, except the windows (`RAGGED`): each key's tensors flattened into one, with
-    their shapes beside (`<key>_shape`), so a batch crosses processes and reaches the device in a
-    few pieces, not one per sample."""
-    batch = default_collate([{k: v for k, v in item.items() if k not in RAGGED} for item in items])
-    for k in RAGGED:
-        batch[k] = _joined([item[k].reshape(-1) for item in items])
-        batch[f"{k}_shape"] = torch.tensor([item[k].shape if item[k].numel() else (0,) * 2 for item in items])
-    return batch
-
-
-def _joined(flats: list[torch.Tensor]) -> torch.Tensor:
-    """torch.cat of 1-D tensors; in a loader worker written straight into shared memory, as
-    `default_collate` does, so handing it over copies nothing."""
-    flats = _common_dtype(flats)
-    n = sum(t.numel() for t in flats)
-    if get_worker_info() is None:
-        return torch.cat(flats)
-    out = torch.empty(0, dtype=flats[0].dtype).set_(torch.UntypedStorage._new_shared(n * flats[0].element_size()))
-    return torch.cat(flats, out=out.view(n))
-
-
-def _common_dtype(flats: list[torch.Tensor]) -> list[torch.Tensor]:
-    """The tensors in the one dtype holding all their values (NumPy's promotion: torch has none for
-    uint16): a folder may mix 8- and 16-bit tiles, and the scaling's numbers do not depend on it."""
-    if len({t.dtype for t in flats}) == 1:
-        return flats
-    common = torch.from_numpy(np.empty(0, np.result_type(*(t.numpy().dtype for t in flats)))).dtype
-    return [t.to(common) for t in flats]
-
-
-def _unflatten(flat: torch.Tensor, shapes: torch.Tensor) -> list[torch.Tensor]:
-    sizes = shapes.prod(1).tolist()
-    return [t.view(*shape) for t, shape in zip(flat.split(sizes), shapes.tolist())]
+def collate(items: list[dict]) -> Batch:
+    """A loader's items as one `Batch`, the windows (`RAGGED`) flattened."""
+    return Batch.collate(items, RAGGED)
 
 
 class ReplaySet(Dataset):

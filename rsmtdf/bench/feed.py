@@ -50,6 +50,7 @@ from torch.utils.data import DataLoader
 from torch.utils.data._utils.collate import default_collate
 from zarr.codecs import BloscCodec
 
+from ..batch import Batch
 from .common import Context, _dataset
 
 H200_BF16_DENSE_FLOPS = 989e12  # H100/H200 SXM dense bf16 peak (NVIDIA's datasheet figure, no sparsity)
@@ -62,7 +63,7 @@ FEED_SIZES = {  # `quick` for CI; every other size runs the paper's, which is th
               "targets": {"dinov2_vitb14": (16, 32, 56), "clip_vitl14": (4, 64, 28)},  # tokens, dim, input
               "student": {"encoder": "vit_small_patch14_dinov2", "kwargs": {"embed_dim": 48, "depth": 4, "num_heads": 3},
                           "translator_hidden": 64}},
-    "paper": {"crop": 518, "batch": 8, "scenes": 2, "scene": 1024, "repeats": 5, "loader_steps": 8, "workers": (1, 2, 4),
+    "paper": {"crop": 518, "batch": 8, "scenes": 2, "scene": 1024, "repeats": 5, "loader_steps": 32, "workers": (1, 2, 4),
               "targets": {"dinov2_vitb14": (1369, 768, 518), "clip_vitl14": (256, 1024, 224)},
               "student": {"encoder": "vit_small_patch14_dinov2", "kwargs": {}, "translator_hidden": 1024}},
 }
@@ -275,7 +276,7 @@ def bench_feed(ctx: Context) -> dict:
     collated = {w: [collators[w](b[:batch]), collators[w](b[batch:])] for w, b in batches.items()}
     # after, the targets join the batch in the training process; pinning them is counted twice (the
     # stack in `read_targets` writes page-locked memory already): a conservative figure
-    copied = {**collated, "after": [{**c, "targets": t} for c, t in zip(collated["after"], reads("after")())]}
+    copied = {**collated, "after": [[c, t] for c, t in zip(collated["after"], reads("after")())]}
     nbytes = {w: sum(t.numel() * t.element_size() for c in cs for t in _tensors(c)) for w, cs in copied.items()}
     copy = _copy_ms(copied, reps, ctx.device)
 
@@ -320,12 +321,15 @@ def bench_feed(ctx: Context) -> dict:
             "markdown": _table(parts, device_ms, loader, throughput, gpu, cores)}
 
 
-def _tensors(batch: dict):
-    for v in batch.values():
-        if isinstance(v, (dict, list)):
-            yield from (v.values() if isinstance(v, dict) else v)
-        elif isinstance(v, torch.Tensor):
-            yield v
+def _tensors(batch):
+    """The tensors a batch pins and copies: a `Batch`'s one buffer; those of dicts and lists."""
+    if isinstance(batch, Batch):
+        yield batch.buffer
+    elif isinstance(batch, torch.Tensor):
+        yield batch
+    elif isinstance(batch, (dict, list)):
+        for v in (batch.values() if isinstance(batch, dict) else batch):
+            yield from _tensors(v)
 
 
 def _copy_ms(collated: dict, repeats: int, device: str) -> dict:
