@@ -3,12 +3,13 @@
 The library in a few names (imported on first use, so `import rsmtdf` stays light):
 
 - `load_recipe(path)`: a recipe TOML over the paper's defaults, typed and checked (`Recipe`);
+- `resolve(recipe)`: the recipe against its data: dataset, scaling and the `Identity` of its cache;
 - `extract_features(recipe, output)`: stage one, returns the `FeatureCache`;
 - `train_student(recipe, cache, split, run_dir)`: stage two (or build a `Trainer` and call `fit`);
-- `load_trained(checkpoint)` / `load_model(checkpoint or export)`: `(Student, identity, recipe)`;
-- `predict_scene(net, raster, outputs, scaling, tiling, ...)`: a COG class map of one scene, streamed;
+- `load_trained(checkpoint)` / `load_model(checkpoint or export)`: `(Student, Identity, Recipe)`;
+- `predict_scene(net, raster, outputs, scaling, tiling, classes, device)`: a COG class map of one scene, streamed;
 - `export_model(checkpoint, "onnx" | "safetensors")`: a model for serving, with its sidecar;
-- `FeatureCache`, `Student`, `Trainer`, `RsmtdfError`: the classes behind them.
+- `FeatureCache`, `Identity`, `Student`, `Trainer`, `RsmtdfError`: the classes behind them.
 """
 
 from __future__ import annotations
@@ -18,9 +19,10 @@ from importlib import import_module
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "load_recipe": "recipe", "extract_features": "api", "train_student": "api", "Trainer": "train", "FeatureCache": "cache",
-    "Student": "model", "load_trained": "predict", "load_model": "export", "predict_scene": "predict",
-    "export_model": "export", "RsmtdfError": "errors",
+    "load_recipe": "config.recipe", "resolve": "pipeline.resolve", "extract_features": "api", "train_student": "api",
+    "Trainer": "train.trainer", "FeatureCache": "cache.store", "Identity": "cache.identity", "Student": "models.student",
+    "load_trained": "pipeline.trained", "load_model": "pipeline.trained", "predict_scene": "predict.mapping",
+    "export_model": "predict.export", "RsmtdfError": "errors",
 }
 __all__ = sorted(_EXPORTS)
 

@@ -32,7 +32,7 @@ def loveda_sample() -> Path:
 @pytest.fixture(scope="session")
 def synthetic_root(tmp_path_factory) -> Path:
     """Generated LoveDA-layout scenes of 512² (one DWL tile each): 6 train, 2 val."""
-    from rsmtdf.synthetic import make_landcover_dataset
+    from rsmtdf.data.synthetic import make_landcover_dataset
 
     return make_landcover_dataset(tmp_path_factory.mktemp("synthetic"), train_scenes=3, val_scenes=1, size=512, seed=1)
 
@@ -62,8 +62,8 @@ sizes = {sizes}
 @pytest.fixture()
 def tiny(tmp_path, synthetic_root):
     """(recipe, cache path) for the generated scenes, with split lists written."""
-    from rsmtdf.data import open_dataset
-    from rsmtdf.splits import make_splits
+    from rsmtdf.data.datasets import open_dataset
+    from rsmtdf.data.splits import make_splits
 
     splits = tmp_path / "splits"
     make_splits(open_dataset("loveda", synthetic_root), splits)
@@ -95,8 +95,8 @@ def student_cache(tmp_path_factory, synthetic_root) -> tuple[Path, Path, Path]:
 def extracted(tmp: Path, synthetic_root: Path, student: str) -> tuple[Path, Path, Path]:
     """(recipe, cache, tmp): the generated scenes split and extracted under `tmp` with the
     two-teacher recipe and `student`'s sections."""
-    from rsmtdf.data import open_dataset
-    from rsmtdf.splits import make_splits
+    from rsmtdf.data.datasets import open_dataset
+    from rsmtdf.data.splits import make_splits
 
     make_splits(open_dataset("loveda", synthetic_root), tmp / "splits")
     recipe = write_recipe(tmp / "recipe.toml", synthetic_root, tmp / "splits", teachers=TEACHERS, sizes=SIZES,
@@ -201,3 +201,28 @@ def _python_warnings() -> None:
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
     sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
+
+
+def hand_identity(ids: list[str], root: Path | str, classes, teachers: dict[str, tuple[int, int]], input_size: int,
+                  views: int, crop: int, storage: str = "float16", tile: int | None = None):
+    """The identity of a cache written by hand from known arrays: a `folder` dataset of `ids` at
+    `root` with the class table `classes`, teachers {name: (grid, dim)} of no known architecture."""
+    from rsmtdf.cache.identity import DatasetIdentity, Identity, SplitsIdentity, TeacherIdentity
+    from rsmtdf.transforms.views import ViewSpec
+    from rsmtdf.utils.files import ids_sha256
+
+    made = tuple(TeacherIdentity(n, "timm", "m", input_size, -1, False, (0.5,) * 3, (0.5,) * 3, grid=g, dim=d,
+                                 weights_sha256="0" * 64) for n, (g, d) in teachers.items())
+    dataset = DatasetIdentity("folder", ids_sha256(ids), classes, tile, tile, str(root), len(ids))
+    return Identity(dataset, SplitsIdentity("y", None, "x"), ViewSpec(count=views, crop_size=crop), made, storage)
+
+
+def model_identity(class_names, dataset=None, splits: Path | None = None):
+    """A checkpoint's identity: of a real dataset and its split lists when given (evaluation checks
+    both), else a placeholder for checkpoints that are refused before their data is opened."""
+    from rsmtdf.cache.identity import DatasetIdentity, Identity, SplitsIdentity
+    from rsmtdf.data.classes import ClassTable
+
+    data = DatasetIdentity.of(dataset) if dataset is not None else \
+        DatasetIdentity("folder", "-", ClassTable(tuple(class_names)), None, None, "-")
+    return Identity(data, SplitsIdentity.of(splits) if splits is not None else SplitsIdentity("-", None, "-"))

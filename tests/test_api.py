@@ -10,8 +10,8 @@ import sys
 
 from conftest import ROOT
 
-from rsmtdf.data import open_dataset
-from rsmtdf.splits import make_splits
+from rsmtdf.data.datasets import open_dataset
+from rsmtdf.data.splits import make_splits
 
 
 def readme_snippet() -> str:

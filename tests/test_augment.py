@@ -5,8 +5,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from rsmtdf.augment import box_masks, draw_box, draw_strong, strong_batch
-from rsmtdf.train import EpochSampler, cutmix_box, mix_tokens, strong_augment
+from rsmtdf.transforms.augment import box_masks, draw_box, draw_strong, strong_batch
+from rsmtdf.train.loader import EpochSampler
+from rsmtdf.transforms.augment import cutmix_box, strong_augment
+from rsmtdf.train.losses import mix_tokens
 
 
 def test_cutmix_boxes_snap_to_the_grid():

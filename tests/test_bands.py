@@ -13,9 +13,9 @@ from conftest import run_cli, tiny_student, write_recipe
 from rasterio.transform import from_origin
 from typer.testing import CliRunner
 
-from rsmtdf.bandstats import compute_band_stats, read_band_stats
+from rsmtdf.data.bandstats import compute_band_stats, read_band_stats
 from rsmtdf.cli import app
-from rsmtdf.data import open_dataset
+from rsmtdf.data.datasets import open_dataset
 
 SIZE = 64
 BANDS = 4
@@ -133,8 +133,8 @@ def prepared(uint16_data, tmp_path_factory) -> tuple[Path, Path, Path]:
 @pytest.fixture(scope="module")
 def trained(prepared, tmp_path_factory):
     """A 4-band student trained 2 steps from the cache, with what reached its first conv recorded."""
-    from rsmtdf.recipe import load_recipe
-    from rsmtdf.train import Trainer
+    from rsmtdf.config.recipe import load_recipe
+    from rsmtdf.train.trainer import Trainer
 
     root, recipe, cache = prepared
     run = tmp_path_factory.mktemp("bands-run") / "run"
@@ -158,8 +158,8 @@ def test_cache_records_the_percentile_stretch(prepared):
 
 
 def test_four_band_student_trains_on_stretched_bands(trained, prepared):
-    from rsmtdf.train import collate, render_crops
-    from rsmtdf.views import View, apply_view
+    from rsmtdf.train.loader import collate, render_crops
+    from rsmtdf.transforms.views import View, apply_view
 
     trainer, seen, _ = trained
     root, _, _ = prepared
@@ -194,8 +194,8 @@ def test_adapted_first_layer_keeps_timms_rgb_weights(tmp_path):
     import timm
     from timm.models import adapt_input_conv
 
-    from rsmtdf.model import Encoder
-    from rsmtdf.teachers import TEACHERS
+    from rsmtdf.models.student import Encoder
+    from rsmtdf.models.teachers import TEACHERS
 
     source = TEACHERS["effnet_lite0"].weights  # real ImageNet weights, in a foreign (lukemelas) layout
     rgb = Encoder("tf_efficientnet_lite0", 64, source).model.conv_stem.weight.detach()
@@ -214,9 +214,9 @@ def test_show_of_uint16_cache_is_not_black(prepared, tmp_path):
     from PIL import Image
 
     from rsmtdf.cache import FeatureCache
-    from rsmtdf.scaling import BandScaling
-    from rsmtdf.show import render_sample
-    from rsmtdf.views import apply_view
+    from rsmtdf.transforms.scaling import BandScaling
+    from rsmtdf.inspect.show import render_sample
+    from rsmtdf.transforms.views import apply_view
 
     root, _, cache_path = prepared
     cache, ds = FeatureCache.open(str(cache_path)), open_dataset("folder", root, ["land", "water"])
@@ -239,8 +239,8 @@ def test_training_from_a_cache_with_another_scaling_is_refused(prepared, tmp_pat
     _, recipe, cache = prepared
     proc = run_cli("train", "--cache", cache, "-r", recipe, "--split", "half", "--run-dir", tmp_path / "run",
                    "--set", 'data.scaling="dtype"')
-    error_line(proc, str(cache), "other pixels than the cache's teachers saw", "percentile", "dtype scaling",
-               "data.scaling")
+    error_line(proc, str(cache), "input is", "percentile", "in the cache", "dtype scaling",
+               'in --set data.scaling="dtype"')
     assert not (tmp_path / "run" / "latest.pt").exists()
 
 
@@ -264,10 +264,10 @@ def test_four_band_checkpoint_refuses_three_band_scene(trained, tmp_path):
 
 
 def test_auto_scaling_choices_and_8bit_input_unchanged(uint16_data):
-    from rsmtdf.data import NODATA_FILL
+    from rsmtdf.transforms.pixels import NODATA_FILL
     from rsmtdf.errors import RsmtdfError
-    from rsmtdf.recipe import load_recipe
-    from rsmtdf.scaling import resolve_scaling
+    from rsmtdf.config.recipe import load_recipe
+    from rsmtdf.pipeline.scaling import resolve_scaling
 
     _, recipe = uint16_data
     r = load_recipe(recipe)

@@ -4,7 +4,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, default_collate
 
-from rsmtdf.batch import Batch
+from rsmtdf.data.batch import Batch
 
 
 def _items(n: int = 3) -> list[dict]:

@@ -18,20 +18,20 @@ from PIL import Image
 
 from conftest import ROOT, run_cli, write_recipe
 from rsmtdf.cache import FeatureCache
-from rsmtdf.data import open_dataset, to_unit_rgb
-from rsmtdf.extract import extract
-from rsmtdf.recipe import load_recipe
-from rsmtdf.splits import make_splits
-from rsmtdf.teachers import build_teachers
-from rsmtdf.views import apply_view
+from rsmtdf.data.datasets import open_dataset
+from rsmtdf.transforms.pixels import to_unit_rgb
+from rsmtdf.pipeline.extract import extract
+from rsmtdf.pipeline.resolve import resolve
+from rsmtdf.config.recipe import load_recipe
+from rsmtdf.data.splits import make_splits
+from rsmtdf.transforms.views import apply_view
 
 
-def _extract(recipe: Path, out: Path, **kw):
-    r = load_recipe(recipe)
-    ds = open_dataset("loveda", r.data.root)
-    teachers = build_teachers(list(r.teachers.names), sizes=r.teachers.sizes)
+def _extract(recipe: Path, out: Path, sets: tuple[str, ...] = (), **kw):
+    resolved = resolve(load_recipe(recipe, list(sets)))
+    teachers = resolved.teachers()
     kw = {"shard_samples": 2, "num_workers": 0, "progress": False, **kw}
-    return extract(ds, r.data.splits, r.view_spec(), teachers, str(out), **kw), ds, teachers, r
+    return extract(resolved, teachers, str(out), **kw), resolved.dataset, teachers, resolved.recipe
 
 
 def _arrays(path: Path) -> dict[str, np.ndarray]:
@@ -74,7 +74,7 @@ def test_cache_written_with_the_former_blosc_default_reads_the_same(tiny, tmp_pa
 
     from zarr.codecs import BloscCodec
 
-    from rsmtdf.cache import checksummed
+    from rsmtdf.cache.format import checksummed
 
     recipe, out = tiny
     _extract(recipe, out)
@@ -101,7 +101,7 @@ def test_cache_written_with_the_former_blosc_default_reads_the_same(tiny, tmp_pa
 def test_int8_storage_is_close_and_smaller(tiny, tmp_path):
     recipe, out = tiny
     _extract(recipe, out)
-    _extract(recipe, tmp_path / "int8", storage="int8")
+    _extract(recipe, tmp_path / "int8", sets=("teachers.storage=int8",))
     a, b = FeatureCache.open(out), FeatureCache.open(tmp_path / "int8")
     for i in range(2):
         x, y = a.reader().read(i, 0)["effnet_lite0"], b.reader().read(i, 0)["effnet_lite0"]
@@ -200,7 +200,7 @@ def test_inspect_table_and_estimate_within_5_percent(tiny):
     assert abs(predicted - real) / real < 0.05, (predicted, real)
     raw = _parse_bytes(re.search(r"raw\s+([\d.]+ \w+)", est).group(1))
     assert abs(raw - 6 * 2 * 16 * 112 * 2) / raw < 0.01
-    from rsmtdf.tilecache import sample_bytes
+    from rsmtdf.data.tilecache import sample_bytes
 
     ds = open_dataset("loveda", load_recipe(recipe).data.root)
     decoded = _parse_bytes(re.search(r"decoded\s+([\d.]+ \w+)", est).group(1))  # every tile decoded in memory
@@ -226,7 +226,7 @@ def test_show_writes_png_with_teacher_grid_panels(tiny, tmp_path):
     sid = FeatureCache.open(out).ids[0]
     png = tmp_path / "show.png"
     run_cli("show", out, "--sample", sid, "--out", png, check=True)
-    from rsmtdf.show import render_sample
+    from rsmtdf.inspect.show import render_sample
 
     layout = render_sample(FeatureCache.open(out), sid, tmp_path / "again.png")
     panel = layout["panels"]["effnet_lite0"]
@@ -259,7 +259,7 @@ def test_a_batch_read_through_zarr_has_all_its_chunks_in_flight_at_once(tmp_path
     chunk. The store here sees every chunk request in flight together, and the values are zarr's."""
     import asyncio
 
-    import rsmtdf.cache as cache_mod
+    import rsmtdf.cache.reader as reader_mod
     from rsmtdf.bench.feed import _targets_store
     from rsmtdf.cache import CacheReader
 
@@ -277,7 +277,7 @@ def test_a_batch_read_through_zarr_has_all_its_chunks_in_flight_at_once(tmp_path
 
     shapes = {"t1": (9, 8, 28), "t2": (4, 16, 28)}
     url = _targets_store(tmp_path / "c.zarr", 6, 2, shapes, None, 3)
-    monkeypatch.setattr(cache_mod, "_store", lambda u, read_only: InFlight(zarr.storage.LocalStore(u, read_only=True)))
+    monkeypatch.setattr(reader_mod, "open_store", lambda u, read_only: InFlight(zarr.storage.LocalStore(u, read_only=True)))
     pairs = [(i, i % 2) for i in range(6)]
     rows = CacheReader(url, list(shapes), "float16", [str(i) for i in range(6)]).read_batch(pairs, as_stored=True)
     group = zarr.open_group(url, mode="r")

@@ -18,10 +18,14 @@ from test_errors import error_line
 from typer.testing import CliRunner
 
 from rsmtdf.cli import app
-from rsmtdf.data import IGNORE, LOVEDA, class_table, open_dataset, open_described, open_recipe_dataset
+from rsmtdf.transforms.pixels import IGNORE
+from rsmtdf.data.classes import LOVEDA
+from rsmtdf.cache import FeatureCache
+from rsmtdf.pipeline.resolve import cache_dataset, class_table, default_cache, resolve_dataset
+from rsmtdf.data.datasets import open_dataset
 from rsmtdf.errors import RsmtdfError
-from rsmtdf.recipe import load_recipe
-from rsmtdf.splits import read_list
+from rsmtdf.config.recipe import load_recipe
+from rsmtdf.data.splits import read_list
 
 SIZE = 64
 STUDENT = """
@@ -81,7 +85,7 @@ def test_with_codes_road_pixels_are_counted_and_the_model_trains(tmp_path):
     splits = tmp_path / "splits"
     recipe = recipe_file(tmp_path / "roads.toml", root,
                          'classes = ["background", "road"]\ncodes = { background = 0, road = 255 }', splits)
-    ds = open_recipe_dataset(load_recipe(recipe).data)
+    ds = resolve_dataset(load_recipe(recipe))
     assert (ds.load(0).mask == 1).sum() == 8 * SIZE
     code, out = cli("make-splits", "-r", recipe, "--val-fraction", "0.25")
     assert code == 0, out
@@ -94,18 +98,16 @@ def test_with_codes_road_pixels_are_counted_and_the_model_trains(tmp_path):
     code, out = cli("train", "--cache", tmp_path / "cache", "--split", "10pct", "-r", recipe,
                     "--run-dir", tmp_path / "run", "--max-steps", "2")
     assert code == 0, out
-    # the cache keeps its table: reopened from its attributes, road is still class 1
-    import zarr
-
-    again = open_described(dict(zarr.open_group(str(tmp_path / "cache"), mode="r").attrs["dataset"]))
+    # the cache keeps its table: reopened from its identity, road is still class 1
+    again = cache_dataset(FeatureCache.open(tmp_path / "cache"))
     assert (again.load(0).mask == 1).sum() == 8 * SIZE
     # a recipe that reads the masks otherwise (255 ignored, not road) may not train from this cache
     other = recipe_file(tmp_path / "other.toml", root, 'classes = ["background", "road"]\n'
                         'codes = { background = 0, road = 1 }\nignore_codes = [255]', splits)
     error_line(run_cli("train", "--cache", tmp_path / "cache", "--split", "10pct", "-r", other,
                        "--run-dir", tmp_path / "run2", "--max-steps", "2"),
-               "cache", "labels the masks otherwise", "mask code 1 means nothing (refused) vs 'road'",
-               "(and 1 more)", "other.toml")
+               "cache", "dataset.classes.codes[1] is nothing (refused) in the cache, 'road' in", "(and 1 more",
+               "other.toml")
     assert not (tmp_path / "run2" / "best.pt").exists()
 
 
@@ -115,12 +117,12 @@ def test_an_undeclared_code_is_refused_naming_it_and_ignore_codes_become_ignore(
     mask[0, :3] = 9
     mask[0, 3:5] = 200
     write_tif(root / "masks" / "s0.tif", mask)
-    data = load_recipe(recipe_file(tmp_path / "r.toml", root, 'classes = ["a", "b"]\ncodes = { a = 0, b = [1, 2] }')).data
+    data = load_recipe(recipe_file(tmp_path / "r.toml", root, 'classes = ["a", "b"]\ncodes = { a = 0, b = [1, 2] }'))
     with pytest.raises(RsmtdfError, match=r"mask codes 9 \(192 px\), 200 \(128 px\) are neither a class nor ignored"):
-        open_recipe_dataset(data).load(0)
+        resolve_dataset(data).load(0)
     data = load_recipe(recipe_file(tmp_path / "r.toml", root, 'classes = ["a", "b"]\ncodes = { a = 0, b = [1, 2] }\n'
-                                   "ignore_codes = [9, 200]")).data
-    decoded = open_recipe_dataset(data).load(0).mask
+                                   "ignore_codes = [9, 200]"))
+    decoded = resolve_dataset(data).load(0).mask
     assert (decoded[:5] == IGNORE).all() and (decoded[5:] == 0).all()
 
 
@@ -131,13 +133,13 @@ def test_colour_masks_with_a_colour_table(tmp_path):
     rgb[:, : SIZE // 2] = np.array([255, 0, 0], np.uint8)[:, None, None]
     write_tif(root / "masks" / "c.tif", rgb)
     data = load_recipe(recipe_file(tmp_path / "r.toml", root, 'classes = ["ground", "roof"]\n'
-                                   "colors = { ground = [0, 0, 0], roof = [255, 0, 0] }")).data
-    decoded = open_recipe_dataset(data).load(0).mask
+                                   "colors = { ground = [0, 0, 0], roof = [255, 0, 0] }"))
+    decoded = resolve_dataset(data).load(0).mask
     assert (decoded[: SIZE // 2] == 1).all() and (decoded[SIZE // 2 :] == 0).all()
     data = load_recipe(recipe_file(tmp_path / "r.toml", root, 'classes = ["ground", "roof"]\n'
-                                   "colors = { ground = [0, 0, 0], roof = [0, 0, 255] }")).data
+                                   "colors = { ground = [0, 0, 0], roof = [0, 0, 255] }"))
     with pytest.raises(RsmtdfError, match=r"mask colour #ff0000 \(2 048 px\) is neither a class nor ignored"):
-        open_recipe_dataset(data).load(0)
+        resolve_dataset(data).load(0)
 
 
 @pytest.mark.parametrize("data, key, says", [
@@ -193,13 +195,11 @@ def test_no_validation_images_is_refused_with_the_hint_and_val_fraction_holds_ou
 
 
 def test_two_folder_recipes_get_their_own_default_split_and_cache_paths(tmp_path):
-    from rsmtdf.cli import Plan
-
     first = recipe_file(tmp_path / "orchards.toml", tmp_path, 'classes = ["a", "b"]')
     second = recipe_file(tmp_path / "vineyards.toml", tmp_path, 'classes = ["a", "b"]')
-    plans = [Plan(r, None, None, None, None, None, None, None) for r in (first, second)]
-    assert [p.recipe.data.splits for p in plans] == ["pipeline/splits/orchards", "pipeline/splits/vineyards"]
-    assert [p.output for p in plans] == ["cache/orchards", "cache/vineyards"]
+    recipes = [load_recipe(r) for r in (first, second)]
+    assert [r.data.splits for r in recipes] == ["pipeline/splits/orchards", "pipeline/splits/vineyards"]
+    assert [default_cache(r) for r in recipes] == ["cache/orchards", "cache/vineyards"]
     assert load_recipe("pipeline/loveda.toml").data.splits == "pipeline/splits/loveda"
 
 

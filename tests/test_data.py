@@ -8,9 +8,11 @@ import rasterio
 from PIL import Image
 from rasterio.transform import from_origin
 
-from rsmtdf.data import DEEPGLOBE, POTSDAM, open_dataset, to_unit_rgb
+from rsmtdf.data.classes import DEEPGLOBE, POTSDAM
+from rsmtdf.data.datasets import open_dataset
+from rsmtdf.transforms.pixels import to_unit_rgb
 from rsmtdf.errors import RsmtdfError
-from rsmtdf.splits import make_splits, read_list, splits_sha256
+from rsmtdf.data.splits import make_splits, read_list, splits_sha256
 
 
 def test_loveda_real_scenes_tile_and_decode(loveda_sample):
@@ -123,7 +125,7 @@ def test_committed_loveda_splits_are_make_splits_of_the_official_numbering(tmp_p
     from pathlib import Path
 
     from conftest import ROOT
-    from rsmtdf.data import LoveDA, Record
+    from rsmtdf.data.datasets import LoveDA, Record
 
     ranges = {("Train", "Rural"): range(0, 1366), ("Train", "Urban"): range(1366, 2522),
               ("Val", "Rural"): range(2522, 3514), ("Val", "Urban"): range(3514, 4191)}
@@ -142,7 +144,7 @@ def test_the_devices_scaling_is_bit_equal_to_the_hosts():
     NaN, nodata masks, per-band low/high, a fill, band selection and a single band repeated."""
     import torch
 
-    from rsmtdf.data import pick_bands, to_unit_rgb, unit_pixels
+    from rsmtdf.transforms.pixels import pick_bands, to_unit_rgb, unit_pixels
 
     rng = np.random.default_rng(0)
     for dtype, top in ((np.uint8, 255), (np.uint16, 4000), (np.int16, 3000), (np.float32, 2.0)):

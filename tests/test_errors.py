@@ -47,8 +47,8 @@ def extract(recipe: Path, cache: Path, *args: str):
 @pytest.fixture(scope="module")
 def splits(tmp_path_factory, synthetic_root) -> Path:
     """Split lists of the generated scenes; a corrupted copy has the same ids, so they fit it too."""
-    from rsmtdf.data import open_dataset
-    from rsmtdf.splits import make_splits
+    from rsmtdf.data.datasets import open_dataset
+    from rsmtdf.data.splits import make_splits
 
     out = tmp_path_factory.mktemp("splits")
     make_splits(open_dataset("loveda", synthetic_root), out)
@@ -145,9 +145,9 @@ def test_missing_dataset_folder(tmp_path, splits):
 
 
 def test_cache_from_another_dataset_untouched(tmp_path, made):
-    from rsmtdf.data import open_dataset
-    from rsmtdf.splits import make_splits
-    from rsmtdf.synthetic import make_landcover_dataset
+    from rsmtdf.data.datasets import open_dataset
+    from rsmtdf.data.splits import make_splits
+    from rsmtdf.data.synthetic import make_landcover_dataset
 
     _, cache = made
     other = make_landcover_dataset(tmp_path / "other", train_scenes=2, val_scenes=1, size=512, seed=2)
@@ -163,7 +163,8 @@ def test_cache_from_another_dataset_untouched(tmp_path, made):
 def test_cache_from_another_teacher_set_untouched(made):
     recipe, cache = made
     before, beside = tree_hashes(cache), sorted(cache.parent.iterdir())
-    error_line(extract(recipe, cache, "--teacher", "effnet_lite1"), str(cache), "teachers differ", "effnet_lite1")
+    error_line(extract(recipe, cache, "--teacher", "effnet_lite1"), str(cache), "different cache",
+               "teachers is [effnet_lite0] in the cache, [effnet_lite1] in --teacher effnet_lite1")
     assert tree_hashes(cache) == before
     assert sorted(cache.parent.iterdir()) == beside
 

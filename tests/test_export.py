@@ -14,7 +14,7 @@ from conftest import run_cli, train_cli
 from PIL import Image
 from test_errors import error_line
 
-from rsmtdf.predict import load_trained
+from rsmtdf.pipeline.trained import load_trained
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +41,7 @@ def test_onnx_matches_pytorch_at_any_batch_and_patch_multiple(checkpoint, tmp_pa
         assert logits.shape == expected.shape == (shape[0], 7, *shape[2:])
         np.testing.assert_allclose(logits, expected, rtol=0, atol=1e-4)
     side = json.loads((tmp_path / "model.onnx.json").read_text())
-    assert side["weights"] == "student" and side["classes"] == ident["class_names"]
+    assert side["weights"] == "student" and side["classes"] == ident.class_names
     assert side["input"]["bands"] == [0, 1, 2] and side["model"] == net.config
 
 

@@ -18,14 +18,14 @@ import pytest
 import torch
 import zarr
 
-from conftest import STUDENT, run_cli, write_recipe
+from conftest import STUDENT, model_identity, run_cli, write_recipe
 from test_errors import error_line, tree_hashes
 from rsmtdf.cache import FeatureCache
-from rsmtdf.data import open_dataset
+from rsmtdf.data.datasets import open_dataset
 from rsmtdf.errors import RsmtdfError
-from rsmtdf.recipe import load_recipe
-from rsmtdf.splits import make_splits, read_list
-from rsmtdf.train import _rng
+from rsmtdf.config.recipe import load_recipe
+from rsmtdf.data.splits import make_splits, read_list
+from rsmtdf.train.loader import sample_rng as _rng
 
 SHARD = 2  # samples per shard: 6 samples, 3 shards
 TEACHER = "effnet_lite0"
@@ -179,12 +179,12 @@ def test_cache_of_schema_1_is_refused_in_one_line(pristine, tmp_path):
 
 def test_non_finite_feature_is_an_error_naming_the_sample(pristine, tmp_path, monkeypatch):
     """A teacher output that is NaN (or beyond float16) is refused before its shard is written."""
-    from rsmtdf.extract import extract as extract_fn
-    from rsmtdf.teachers import Teacher, build_teachers
+    from rsmtdf.models.teachers import Teacher
+    from rsmtdf.pipeline.extract import extract as extract_fn
+    from rsmtdf.pipeline.resolve import resolve
 
-    r = load_recipe(pristine.recipe)
-    ds = open_dataset("loveda", r.data.root)
-    teachers = build_teachers(list(r.teachers.names), sizes=r.teachers.sizes)
+    resolved = resolve(load_recipe(pristine.recipe))
+    ds, teachers = resolved.dataset, resolved.teachers()
     real = Teacher.targets
 
     def poisoned(self, views):  # one batch per shard (2 samples × 2 views): poison the second shard's
@@ -198,8 +198,7 @@ def test_non_finite_feature_is_an_error_naming_the_sample(pristine, tmp_path, mo
     monkeypatch.setattr(Teacher, "targets", poisoned)
     out = tmp_path / "cache"
     with pytest.raises(RsmtdfError) as exc:
-        extract_fn(ds, r.data.splits, r.view_spec(), teachers, str(out), shard_samples=SHARD, num_workers=0,
-                   progress=False)
+        extract_fn(resolved, teachers, str(out), shard_samples=SHARD, num_workers=0, progress=False)
     sid = ds.ids_in("train")[SHARD + 1]  # second shard, its second sample, view 1 (crop 3 of the batch)
     assert f"sample '{sid}' view 1" in str(exc.value) and "non-finite" in str(exc.value)
     cache = FeatureCache.open(out)
@@ -269,12 +268,13 @@ def test_disk_full_on_a_real_tiny_disk(pristine, tiny_disk):
 
 
 def test_disk_full_while_checkpointing_keeps_the_previous_checkpoint(tiny_disk):
-    from rsmtdf.checkpoint import load_checkpoint, save_checkpoint
+    from rsmtdf.models.checkpoint import load_checkpoint, save_checkpoint
 
     path = tiny_disk / "latest.pt"
-    save_checkpoint({"step": 1, "w": torch.zeros(100)}, path)
+    meta = {"identity": model_identity(["a"]), "model": {}, "split": "-"}
+    save_checkpoint({**meta, "step": 1, "w": torch.zeros(100)}, path)
     with pytest.raises(RsmtdfError) as exc:
-        save_checkpoint({"step": 2, "w": torch.zeros(100_000)}, path)  # 400 KB on a 64 KB disk
+        save_checkpoint({**meta, "step": 2, "w": torch.zeros(100_000)}, path)  # 400 KB on a 64 KB disk
     assert str(exc.value).startswith(f"{path}: disk full") and "needs about 0.4 MB" in str(exc.value)
     assert load_checkpoint(path)["step"] == 1
     assert [p.name for p in tiny_disk.iterdir()] == ["latest.pt"]  # the temporary file is gone

@@ -24,14 +24,14 @@ from skimage import data as photos
 from torch import nn
 from torchvision import transforms
 
-from rsmtdf.checkpoint import save_checkpoint
-from rsmtdf.data import to_unit_rgb
+from rsmtdf.models.checkpoint import save_checkpoint
+from rsmtdf.transforms.pixels import to_unit_rgb
 from rsmtdf.errors import RsmtdfError
-from rsmtdf.evaluate import predict
-from rsmtdf.model import Student, TeacherSlot
-from rsmtdf.teachers import IMAGENET_MEAN, IMAGENET_STD, Teacher, teacher_config
+from rsmtdf.evaluate.evaluator import predict
+from rsmtdf.models.student import Student, TeacherSlot
+from rsmtdf.models.teachers import IMAGENET_MEAN, IMAGENET_STD, Teacher, teacher_config
 
-from conftest import run_cli
+from conftest import model_identity, run_cli
 
 TOL = 1e-5
 TINY_VIT = dict(embed_dim=48, depth=4, num_heads=3)
@@ -158,7 +158,8 @@ def test_evaluate_refuses_a_checkpoint_without_normalisation_in_one_line(tmp_pat
     student = Student("resnet18", num_classes=3, crop_size=64, teachers=[])
     old = {k: v for k, v in student.config.items() if k not in ("input_mean", "input_std")}
     path = tmp_path / "old.pt"
-    save_checkpoint({"identity": {"model": old}, "ema": student.state_dict(), "student": student.state_dict(),
+    save_checkpoint({"identity": model_identity(["a", "b", "c"]), "model": old, "split": "-",
+                     "ema": student.state_dict(), "student": student.state_dict(),
                      "recipe": "{}"}, path)
     proc = run_cli("evaluate", "--checkpoint", path)
     lines = [line for line in proc.stderr.splitlines() if line.strip()]

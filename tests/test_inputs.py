@@ -8,19 +8,19 @@ import typing
 from pathlib import Path
 
 import pytest
-from conftest import run_cli, write_recipe
+from conftest import model_identity, run_cli, write_recipe
 from test_errors import error_line
 
-from rsmtdf.data import DATASETS
-from rsmtdf.model import DECODERS
-from rsmtdf.recipe import DataConfig, Recipe, StudentConfig, load_recipe
+from rsmtdf.data.datasets import DATASETS
+from rsmtdf.models.student import DECODERS
+from rsmtdf.config.recipe import DataConfig, Recipe, StudentConfig, load_recipe
 
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory, synthetic_root) -> tuple[Path, Path]:
     """(folder, recipe) of a valid tiny recipe over the generated scenes, with split lists."""
-    from rsmtdf.data import open_dataset
-    from rsmtdf.splits import make_splits
+    from rsmtdf.data.datasets import open_dataset
+    from rsmtdf.data.splits import make_splits
 
     work = tmp_path_factory.mktemp("inputs")
     make_splits(open_dataset("loveda", synthetic_root), work / "splits")
@@ -167,15 +167,15 @@ def test_bad_estimate_options(base, tmp_path):
 def test_checkpoint_whose_weights_do_not_fit_its_config(tmp_path):
     """A real checkpoint whose recorded config says translator_hidden 16 but whose weights are of a
     model with 32: one line, not the 94-line state-dict traceback."""
-    from rsmtdf.checkpoint import save_checkpoint
-    from rsmtdf.model import Student, TeacherSlot
+    from rsmtdf.models.checkpoint import save_checkpoint
+    from rsmtdf.models.student import Student, TeacherSlot
 
     slot = TeacherSlot("effnet_lite0", dim=40, grid=4, input_size=56)
     tiny = {"embed_dim": 48, "depth": 2, "num_heads": 3}
     net = Student("vit_small_patch14_dinov2", 3, 56, [slot], translator_hidden=32, **tiny)
     config = {**net.config, "translator_hidden": 16}
     path = tmp_path / "best.pt"
-    save_checkpoint({"identity": {"model": config, "class_names": ["a", "b", "c"]}, "student": net.state_dict(),
+    save_checkpoint({"identity": model_identity(["a", "b", "c"]), "model": config, "split": "-", "student": net.state_dict(),
                      "ema": net.state_dict(), "recipe": '{"views": {"crop_size": 56}}'}, path)
     error_line(run_cli("evaluate", "--checkpoint", path), str(path), "weights do not fit", "size mismatch")
 

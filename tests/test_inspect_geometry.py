@@ -10,8 +10,8 @@ import torch.nn.functional as F
 
 from rsmtdf.inspect.geometry import (TokenGrid, cell_centres, match_teachers, sample_to_crop, token_grid,
                                      tokens_at, tokens_on_sample)
-from rsmtdf.teachers import Teacher, teacher_config
-from rsmtdf.views import View, apply_view
+from rsmtdf.models.teachers import Teacher, teacher_config
+from rsmtdf.transforms.views import View, apply_view
 
 H, W, CROP = 150, 200, 64
 VIEWS = [View(1.0, 10, 20), View(0.7, 0, 3, hflip=True), View(1.6, 30, 50, rot90=1),
@@ -74,7 +74,7 @@ def test_teachers_on_one_view_match_by_crop_position() -> None:
 def test_cnn_token_centres_are_its_receptive_field_centres() -> None:
     # tf_efficientnet_lite0 pads "same" like TensorFlow: a stride-2 layer puts output j's kernel
     # centre on input pixel 2j+1, so four of them put token j of the stride-16 stage on 16j+15
-    spec = Teacher(teacher_config("effnet_lite0", 64), pretrained=False).spec()
+    spec = Teacher(teacher_config("effnet_lite0", 64), pretrained=False).identity().record()
     assert token_grid(spec) == TokenGrid(64, 4, 16.0, 15.0, "receptive field")
 
 

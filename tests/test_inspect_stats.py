@@ -12,15 +12,17 @@ from unittest import mock
 import numpy as np
 import pytest
 import zarr
-from conftest import run_cli, write_recipe
+from conftest import hand_identity, run_cli, write_recipe
 from PIL import Image
 from test_errors import error_line
 
-from rsmtdf.cache import FeatureCache, TeacherLayout, expected_attrs, ids_sha256
-from rsmtdf.data import open_dataset, open_described
+from rsmtdf.cache import FeatureCache
+from rsmtdf.cache.format import TeacherLayout
+from rsmtdf.data.classes import ClassTable
+from rsmtdf.data.datasets import open_dataset
 from rsmtdf.inspect.stats import FP16_MAX, compute_stats, default_output, linear_cka
-from rsmtdf.splits import make_splits
-from rsmtdf.views import View, ViewSpec
+from rsmtdf.data.splits import make_splits
+from rsmtdf.transforms.views import View
 
 SIZE, GRID = 32, 4  # 32² samples, a 4×4 token grid on the 32² crop: token (r, c) sits on pixel (8r + 4, 8c + 4)
 CLASSES = ["a", "b", "c"]
@@ -38,14 +40,11 @@ def make_cache(tmp: Path, feats: dict[str, np.ndarray], views: list[View], stora
     for i, sid in enumerate(ids):
         Image.fromarray(np.full((SIZE, SIZE, 3), 100, np.uint8)).save(root / "images" / f"{sid}.png")
         Image.fromarray(np.zeros((SIZE, SIZE), np.uint8) if masks is None else masks[i]).save(root / "masks" / f"{sid}.png")
-    teachers = [{"name": t, "model": "m", "layer": -1, "input_size": SIZE, "weights_sha256": "0" * 64,
-                 "grid": GRID, "dim": x.shape[-1]} for t, x in feats.items()]
-    data = {"name": "folder", "root": str(root), "num_samples": n, "ids_sha256": ids_sha256(ids), "classes": CLASSES,
-            "tile": None}
-    attrs = expected_attrs(data, {"dir": "x", "sha256": "y"}, ViewSpec(count=len(views), crop_size=SIZE).to_attrs(),
-                           teachers, storage)
-    cache = FeatureCache.create(str(tmp / "cache"), ids, attrs, [TeacherLayout(t, GRID**2, x.shape[-1])
-                                                                 for t, x in feats.items()], shard_samples=2)
+    classes = ClassTable(tuple(CLASSES), {**{k: k for k in range(len(CLASSES))}, 255: 255})  # 255 = ignore
+    identity = hand_identity(ids, root, classes, {t: (GRID, x.shape[-1]) for t, x in feats.items()}, SIZE,
+                             len(views), SIZE, storage)
+    cache = FeatureCache.create(str(tmp / "cache"), ids, identity, {}, [TeacherLayout(t, GRID**2, x.shape[-1])
+                                                                        for t, x in feats.items()], shard_samples=2)
     # the writer refuses non-finite features; the statistics must still count those a damaged or
     # hand-made store holds, so this constructed cache is written past that check
     with mock.patch.object(FeatureCache, "_check_finite", lambda *_: None):
@@ -58,7 +57,8 @@ def make_cache(tmp: Path, feats: dict[str, np.ndarray], views: list[View], stora
 
 
 def stats_of(cache: FeatureCache, **kw) -> dict:
-    return compute_stats(cache, open_described(cache.attrs["dataset"]), progress=False, **kw)  # 255 = ignore
+    d = cache.identity.dataset
+    return compute_stats(cache, open_dataset(d.name, d.root, d.classes), progress=False, **kw)
 
 
 def test_feature_statistics_equal_hand_computed_values(tmp_path: Path) -> None:

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from rsmtdf import metrics as metrics_mod
-from rsmtdf.metrics import ConfusionMatrix, format_table
+from rsmtdf.evaluate import metrics as metrics_mod
+from rsmtdf.evaluate.metrics import ConfusionMatrix, format_table
 
 # Hand-built 3-class example, rows = target, cols = prediction:
 #     [[3, 1, 0],

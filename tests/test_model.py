@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from rsmtdf.errors import RsmtdfError
-from rsmtdf.model import Encoder, Student, TeacherSlot
-from rsmtdf.weights import WeightSource, read_state_dict, resolve_weights
+from rsmtdf.models.student import Encoder, Student, TeacherSlot
+from rsmtdf.models.weights import WeightSource, read_state_dict, resolve_weights
 
 TINY_VIT = dict(embed_dim=48, depth=4, num_heads=3)
 VIT = "vit_small_patch14_dinov2"

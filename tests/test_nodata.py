@@ -17,7 +17,8 @@ from conftest import run_cli, tiny_student, write_recipe
 from rasterio.transform import from_origin
 from test_errors import error_line
 
-from rsmtdf.data import IGNORE, NODATA_FILL, open_dataset, to_unit_rgb
+from rsmtdf.transforms.pixels import IGNORE, NODATA_FILL, to_unit_rgb
+from rsmtdf.data.datasets import open_dataset
 
 SIZE = 64
 NODATA = -9999.0

@@ -8,7 +8,7 @@ import tomllib
 
 from conftest import run_cli, tiny_student, write_recipe
 
-from rsmtdf.recipe import Recipe, load_recipe
+from rsmtdf.config.recipe import Recipe, load_recipe
 
 
 def test_recipe_show_applies_sets_and_reads_back_equal():
@@ -35,8 +35,8 @@ def test_a_bad_set_is_one_line():
 
 def test_set_changes_the_cache_and_train_without_recipe_uses_the_caches(tmp_path, synthetic_root):
     from rsmtdf.cache import FeatureCache
-    from rsmtdf.data import open_dataset
-    from rsmtdf.splits import make_splits
+    from rsmtdf.data.datasets import open_dataset
+    from rsmtdf.data.splits import make_splits
 
     splits = tmp_path / "splits"
     make_splits(open_dataset("loveda", synthetic_root), splits)

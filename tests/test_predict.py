@@ -22,10 +22,14 @@ from rasterio.windows import Window
 from test_errors import PROGRESS
 
 from rsmtdf.bench.predict import random_checkpoint, write_scene
-from rsmtdf.data import LOVEDA, NODATA_FILL, to_unit_rgb
+from rsmtdf.data.classes import LOVEDA
+from rsmtdf.transforms.pixels import NODATA_FILL, to_unit_rgb
 from rsmtdf.errors import RsmtdfError
-from rsmtdf.predict import BandScaling, Tiling, blend_weight, blended_blocks, find_scenes, load_trained
-from rsmtdf.raster import RasterReader, grid_offsets, window_grid
+from rsmtdf.transforms.scaling import BandScaling
+from rsmtdf.predict.blend import Tiling, blend_weight, blended_blocks
+from rsmtdf.predict.mapping import find_scenes
+from rsmtdf.pipeline.trained import load_trained
+from rsmtdf.io.raster import RasterReader, grid_offsets, window_grid
 
 WINDOW, STRIDE = 56, 37
 GEO = from_origin(500000, 4200000, 0.3, 0.3)

@@ -13,14 +13,15 @@ import torch
 from PIL import Image
 from torch import nn
 
-from conftest import run_cli
-from rsmtdf.checkpoint import save_checkpoint
-from rsmtdf.data import POTSDAM, open_dataset
-from rsmtdf.evaluate import PROTOCOLS, evaluate, predict, resolve_protocol
+from conftest import model_identity, run_cli
+from rsmtdf.models.checkpoint import save_checkpoint
+from rsmtdf.data.classes import POTSDAM
+from rsmtdf.data.datasets import open_dataset
+from rsmtdf.evaluate.evaluator import PROTOCOLS, evaluate, predict, resolve_protocol
 from rsmtdf.errors import RsmtdfError
-from rsmtdf.metrics import ConfusionMatrix, format_table
-from rsmtdf.model import Student
-from rsmtdf.recipe import EvalConfig, load_recipe
+from rsmtdf.evaluate.metrics import ConfusionMatrix, format_table
+from rsmtdf.models.student import Student
+from rsmtdf.config.recipe import EvalConfig, load_recipe
 
 
 def cm_of(pairs: list[tuple[int, list[int]]], num_classes: int) -> ConfusionMatrix:
@@ -192,10 +193,10 @@ def potsdam_checkpoint(tmp_path):
     names = list(POTSDAM.names)
     student, ema = constant_student(6, 1), constant_student(6, 2)
     recipe = load_recipe(None).override({"eval.reference_scored_classes": names[1:]}).to_dict()
-    identity = {"model": student.config, "class_names": names, "splits": {"dir": str(splits)},
-                "dataset": {"name": "potsdam", "root": str(root), "classes": names}}
+    identity = model_identity(names, open_dataset("potsdam", root), splits)
     path = tmp_path / "run" / "best.pt"
-    save_checkpoint({"identity": identity, "student": student.state_dict(), "ema": ema.state_dict(),
+    save_checkpoint({"identity": identity, "model": student.config, "split": "-", "student": student.state_dict(),
+                     "ema": ema.state_dict(),
                      "recipe": json.dumps(recipe)}, path)
     return path
 

@@ -11,10 +11,10 @@ import pytest
 from PIL import Image
 
 from conftest import ROOT, run_cli
-from rsmtdf.data import open_dataset
+from rsmtdf.data.datasets import open_dataset
 from rsmtdf.errors import RsmtdfError
-from rsmtdf.recipe import load_recipe
-from rsmtdf.splits import check_lists, read_list
+from rsmtdf.config.recipe import load_recipe
+from rsmtdf.data.splits import check_lists, read_list
 
 MIRROR = Path("/work/.mirror/earth-insights+RS-MTDF/repo")
 # Lines per list in the reference (earth-insights/RS-MTDF, splits/), counted from its files.

@@ -15,9 +15,9 @@ from test_errors import error_line, tree_hashes
 from test_inspect_stats import CLASSES, GRID, make_cache
 
 from rsmtdf.cache import FeatureCache
-from rsmtdf.data import open_dataset
+from rsmtdf.data.datasets import open_dataset
 from rsmtdf.inspect.html import write_report
-from rsmtdf.views import View
+from rsmtdf.transforms.views import View
 
 VIEWS = [View(1.0, 0, 0), View(0.75, 2, 4, hflip=True), View(1.5, 10, 6, rot90=1)]
 

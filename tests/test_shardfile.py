@@ -8,8 +8,8 @@ import pytest
 import zarr
 from zarr.codecs import BloscCodec
 
-from rsmtdf.cache import checksummed
-from rsmtdf.shardfile import ShardDamaged, ShardFile
+from rsmtdf.cache.format import checksummed
+from rsmtdf.cache.shardfile import ShardDamaged, ShardFile
 
 
 def array(tmp_path, compressor=None, fill=np.nan, dtype="float16") -> zarr.Array:

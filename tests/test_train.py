@@ -15,9 +15,9 @@ import pytest
 import torch
 
 from conftest import ROOT, extracted, run_cli, write_recipe
-from rsmtdf.data import open_dataset
+from rsmtdf.data.datasets import open_dataset
 from rsmtdf.errors import RsmtdfError
-from rsmtdf.splits import make_splits
+from rsmtdf.data.splits import make_splits
 
 STUDENT = """
 [student]
@@ -52,14 +52,15 @@ def _losses(run: Path) -> list[dict]:
 
 
 def test_cached_and_online_see_the_same_targets_and_losses(setup, tmp_path):
-    from rsmtdf.recipe import load_recipe
-    from rsmtdf.train import Trainer, targets_for
+    from rsmtdf.config.recipe import load_recipe
+    from rsmtdf.train.trainer import Trainer
+    from rsmtdf.train.losses import targets_for
 
     recipe, cache, _ = setup
     r = load_recipe(recipe)
     cached = Trainer(str(cache), "10pct", r, tmp_path / "a", "cached", progress=False)
     online = Trainer(str(cache), "10pct", r, tmp_path / "b", "online", progress=False)
-    for bc, bo in zip(cached._batches(0, 0), online._batches(0, 0)):
+    for bc, bo in zip(cached.batches(0, 0), online.batches(0, 0)):
         assert torch.equal(bc.xs, bo.xs) and torch.equal(bc.box, bo.box)
         tc = targets_for("cached", [], bc, None)
         to = targets_for("online", online.teachers, bo, None)
@@ -199,8 +200,8 @@ def _assert_one_line_error(proc, *words: str) -> None:
 
 def test_refuses_cache_for_another_teacher_set_or_dataset(setup, tmp_path):
     recipe, cache, tmp = setup
-    other = write_recipe(tmp_path / "r.toml", tmp / "x", tmp / "splits", teachers='["effnet_lite1"]', sizes="{ effnet_lite1 = 28 }",
-                         extra=STUDENT)
+    other = write_recipe(tmp_path / "r.toml", load_recipe_root(recipe), tmp / "splits", teachers='["effnet_lite1"]',
+                         sizes="{ effnet_lite1 = 28 }", extra=STUDENT)
     _assert_one_line_error(run_cli("train", "--cache", cache, "--split", "10pct", "-r", other, "--run-dir", tmp_path / "r"),
                            str(cache), "teachers")
     potsdam = tmp_path / "p.toml"
@@ -216,7 +217,7 @@ def test_refuses_changed_split_lists_and_unknown_split(setup, tmp_path):
     saved = lst.read_text()
     try:
         lst.write_text(saved + "Train/Rural/0_0\n")
-        _assert_one_line_error(_train(setup, tmp_path / "r", check=False), "split lists changed")
+        _assert_one_line_error(_train(setup, tmp_path / "r", check=False), "splits.sha256", "in the cache")
     finally:
         lst.write_text(saved)
     assert not (tmp_path / "r" / "latest.pt").exists()
@@ -228,11 +229,11 @@ def test_refuses_cache_made_with_other_split_lists(setup, tmp_path):
     other = tmp_path / "o.toml"
     other.write_text(recipe.read_text().replace(str(tmp / "splits"), str(tmp_path / "other")))
     proc = run_cli("train", "--cache", cache, "--split", "10pct", "-r", other, "--run-dir", tmp_path / "r")
-    _assert_one_line_error(proc, str(cache), "other split lists", str(tmp_path / "other"))
+    _assert_one_line_error(proc, str(cache), "splits.sha256", str(tmp_path / "other"))
 
 
 def load_recipe_root(recipe: Path) -> str:
-    from rsmtdf.recipe import load_recipe
+    from rsmtdf.config.recipe import load_recipe
 
     return load_recipe(recipe).data.root
 
@@ -285,7 +286,7 @@ def test_the_next_batchs_reads_run_while_this_batch_is_used():
     in order with their results, and a failure reaches the caller at its own item."""
     import threading
 
-    from rsmtdf.train import one_ahead
+    from rsmtdf.train.loader import one_ahead
 
     second = threading.Event()
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from rsmtdf.views import View, ViewSpec, apply_view, resize_and_crop, resized_shape, view_window
+from rsmtdf.transforms.views import View, ViewSpec, apply_view, resize_and_crop, resized_shape, view_window
 
 
 def test_views_are_seeded_per_sample_and_order_free():
@@ -82,9 +82,9 @@ def test_crops_made_on_the_device_from_the_workers_windows_are_the_whole_samples
     sample scaled and cut on the CPU, for 16-bit multiband rasters with nodata holes."""
     import torch
 
-    from rsmtdf.data import Sample
-    from rsmtdf.scaling import BandScaling
-    from rsmtdf.train import collate, loader_pixels, render_crops
+    from rsmtdf.data.datasets import Sample
+    from rsmtdf.transforms.scaling import BandScaling
+    from rsmtdf.train.loader import collate, loader_pixels, render_crops
 
     rng = np.random.default_rng(2)
     image = rng.integers(0, 4000, (300, 400, 4)).astype(np.uint16)
@@ -109,9 +109,9 @@ def test_one_batch_of_8_and_16_bit_tiles_renders_each_as_alone():
     holding both; torch cannot promote uint16) and each renders as it would alone."""
     import torch
 
-    from rsmtdf.data import Sample
-    from rsmtdf.scaling import BandScaling
-    from rsmtdf.train import collate, loader_pixels, render_crops
+    from rsmtdf.data.datasets import Sample
+    from rsmtdf.transforms.scaling import BandScaling
+    from rsmtdf.train.loader import collate, loader_pixels, render_crops
 
     rng = np.random.default_rng(3)
     scaling = BandScaling((0, 1, 2)).resolved("uint16")

@@ -37,6 +37,9 @@ from typing import Callable
 
 import torch
 
+from ..errors import RsmtdfError
+from ..utils.files import write_whole
+from ..utils.launch import choose_device
 from .codec import bench_codec
 from .common import SIZES, Context, interleaved_times, machine, median_time, step_flops
 from .extract import bench_extract
@@ -52,7 +55,8 @@ from .tiles import bench_tiles
 PARTS: dict[str, Callable[[Context], dict]] = {
     "step": bench_step, "extract": bench_extract, "read": bench_read, "size": bench_size, "codec": bench_codec,
     "feed": bench_feed, "predict": bench_predict, "tiles": bench_tiles}
-__all__ = ["PARTS", "SIZES", "format_table", "interleaved_times", "median_time", "run", "step_flops", "verdict"]
+__all__ = ["PARTS", "SIZES", "format_table", "interleaved_times", "median_time", "run", "run_parts", "step_flops",
+           "verdict"]
 
 
 def run(parts: list[str], size: str = "default", device: str | None = None, out: str | Path | None = None,
@@ -63,7 +67,7 @@ def run(parts: list[str], size: str = "default", device: str | None = None, out:
     if threads:
         torch.set_num_threads(threads)
     sizes = SIZES[size]
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = choose_device(device)
     with tempfile.TemporaryDirectory(prefix="rsmtdf-bench-", dir=workdir) as tmp:
         ctx = Context(sizes, device, Path(tmp))
         results: dict = {"machine": {**machine(), "device": device}, "size": size,
@@ -76,8 +80,17 @@ def run(parts: list[str], size: str = "default", device: str | None = None, out:
                 results["parts"][part] = bench(ctx)
                 results["parts"][part]["wall_s"] = time.perf_counter() - t0
     if out is not None:
-        Path(out).write_text(json.dumps(results, indent=2))
+        write_whole(out, json.dumps(results, indent=2))
     return results
+
+
+def run_parts(part: str, size: str, device: str | None, out: Path | None, echo: Callable[[str], None] = print,
+              threads: int | None = None) -> str:
+    """`rsmtdf bench PART`: the part (or `all`) run, its results written to `out`; returns the table."""
+    if part not in (*PARTS, "all"):
+        raise RsmtdfError(f"bench {part}: choose one of {', '.join(PARTS)}, all")
+    table = format_table(run(list(PARTS) if part == "all" else [part], size, device, out, echo=echo, threads=threads))
+    return table + (f"\nwrote {out}" if out is not None else "")
 
 
 def _within(value: float, predicted: float) -> bool:

@@ -23,7 +23,13 @@ import torch
 import zarr
 from zarr.codecs import BloscCodec
 
-from .common import LOVEDA_SAMPLE, Context, _dataset
+from ..cache.format import checksummed, codec_name, default_compressor
+from ..cache.shardfile import ShardFile
+from ..data.datasets import open_dataset
+from ..models.teachers import Teacher, teacher_config
+from ..pipeline.extract import ViewSource, run_teachers
+from ..transforms.views import ViewSpec
+from .common import LOVEDA_SAMPLE, Context, generated_dataset
 
 
 DIRECT = "none, read straight from the shard file (training's reader)"
@@ -41,16 +47,11 @@ def candidates(quick: bool = False) -> dict[str, BloscCodec | None]:
 
 def _real_features(ctx: Context) -> tuple[dict[str, np.ndarray], str]:
     """(N, A, L, C) float16 features of two real-weight EfficientNet-Lite teachers."""
-    from ..data import open_dataset
-    from ..extract import ViewSource, _run_teachers
-    from ..teachers import Teacher, teacher_config
-    from ..views import ViewSpec
-
     s = ctx.sizes
     if LOVEDA_SAMPLE.is_dir():
         ds, source = open_dataset("loveda", LOVEDA_SAMPLE), f"real LoveDA sample ({LOVEDA_SAMPLE})"
     else:
-        ds, _ = _dataset(ctx.workdir / "codec", 2, 1024)
+        ds, _ = generated_dataset(ctx.workdir / "codec", 2, 1024)
         source = "generated scenes (rsmtdf.synthetic)"
     ids = ds.ids_in("train")
     out = {}
@@ -59,7 +60,7 @@ def _real_features(ctx: Context) -> tuple[dict[str, np.ndarray], str]:
         spec = ViewSpec(s.size_views, teacher.input_size, (0.5, 2.0), True, False, 0)
         src = ViewSource(ds, [ds.index(i) for i in ids], spec)
         crops = torch.cat([src[j][2] for j in range(len(ids))])
-        f = _run_teachers([teacher], crops, 8, ctx.device, len(ids), s.size_views)[teacher.name]
+        f = run_teachers([teacher], crops, 8, ctx.device, len(ids), s.size_views)[teacher.name]
         out[f"{name} (real weights)"] = f.astype(np.float16)
     return out, source
 
@@ -74,8 +75,6 @@ def _random_features(ctx: Context) -> dict[str, np.ndarray]:
 def measure(x: np.ndarray, codec: BloscCodec | None, path: str, passes: int = 2, direct: bool = False) -> dict:
     """Size ratio to raw float16 and read MB/s (CPU time, one thread) of `x` stored with `codec`,
     read through zarr or (`direct`, codec none only) straight from the shard file as training does."""
-    from ..cache import checksummed
-    from ..shardfile import ShardFile
 
     n, a, L, C = x.shape
     group = zarr.open_group(path, mode="w", zarr_format=3)
@@ -100,8 +99,6 @@ def measure(x: np.ndarray, codec: BloscCodec | None, path: str, passes: int = 2,
 def bench_codec(ctx: Context) -> dict:
     """The codec table on real and DINOv2/CLIP-shaped features; the ratio judged: the default's read
     speed against the fastest candidate's."""
-    from ..cache import default_compressor
-
     codecs = candidates(quick=ctx.sizes.name == "quick")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -114,7 +111,7 @@ def bench_codec(ctx: Context) -> dict:
             table[fname][DIRECT] = measure(x, None, str(ctx.workdir / "codec.zarr"), direct=True)
     finally:
         torch.set_num_threads(threads)
-    default = _name_of(default_compressor())
+    default = codec_name(default_compressor())
     real_rows = [table[k] for k in real]
     speed = {c: float(np.mean([r[c]["read_mb_s"] for r in real_rows])) for c in codecs}  # all through zarr
     fastest = max(speed, key=speed.get)
@@ -128,14 +125,6 @@ def bench_codec(ctx: Context) -> dict:
                             f"{np.mean([r[fastest]['ratio'] for r in real_rows]):.3f} of raw float16)"}}}
     result["markdown"] = format_codec_table(result)
     return result
-
-
-def _name_of(codec: BloscCodec | None) -> str:
-    if codec is None:
-        return "none"
-    shuffle = getattr(codec.shuffle, "value", codec.shuffle)
-    cname = getattr(codec.cname, "value", codec.cname)
-    return f"{cname}{codec.clevel}-{shuffle}"
 
 
 def format_codec_table(result: dict) -> str:

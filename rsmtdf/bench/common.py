@@ -14,6 +14,15 @@ from typing import Callable
 
 import torch
 
+from ..config.recipe import Recipe, load_recipe
+from ..data.datasets import SegmentationDataset, open_dataset
+from ..data.splits import make_splits
+from ..data.synthetic import make_landcover_dataset
+from ..models.teachers import Teacher, teacher_config
+from ..pipeline.extract import extract
+from ..pipeline.resolve import resolve
+from ..train.trainer import Trainer
+
 LOVEDA_SAMPLE = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "loveda-sample"
 
 @dataclass
@@ -136,30 +145,32 @@ def step_flops(fn: Callable[[], object]) -> int:
     return int(counter.get_total_flops())
 
 
-def _teachers(sizes: Sizes, device: str, pretrained: bool = False):
-    from ..teachers import Teacher, teacher_config
-
+def bench_teachers(sizes: Sizes, device: str, pretrained: bool = False) -> list[Teacher]:
+    """The size's teachers at their sizes, with random weights unless `pretrained`."""
     return [Teacher(teacher_config(n, s), pretrained=pretrained).to(device) for n, s in sizes.teachers.items()]
 
 
-def _dataset(root: Path, scenes: int, size: int):
-    from ..data import open_dataset
-    from ..splits import make_splits
-    from ..synthetic import make_landcover_dataset
-
-    make_landcover_dataset(root / "data", train_scenes=scenes, val_scenes=1, size=size, seed=0)  # split lists need a val part
+def generated_dataset(root: Path, scenes: int, size: int) -> tuple[SegmentationDataset, Path]:
+    """Generated LoveDA-layout scenes under root/data with their split lists in root/splits."""
+    make_landcover_dataset(root / "data", train_scenes=scenes, val_scenes=1, size=size, seed=0)  # lists need a val part
     ds = open_dataset("loveda", root / "data")
     make_splits(ds, root / "splits")
     return ds, root / "splits"
 
 
-def _recipe(root: Path, sizes: Sizes, views: int):
-    from ..recipe import load_recipe
-
+def recipe_at(root: Path, splits: Path, teachers: dict[str, int | None], views: int, crop: int,
+              dataset: str = "loveda", **keys: object) -> Recipe:
+    """A recipe over the defaults for the data at `root` with its lists at `splits`: what a part
+    extracts with goes through the same resolve layer as `rsmtdf extract-features`."""
     return load_recipe(None).override({
-        "data.dataset": "loveda", "data.root": str(root / "data"), "data.splits": str(root / "splits"),
-        "views.count": views, "views.crop_size": sizes.crop,
-        "teachers.names": list(sizes.teachers), "teachers.sizes": dict(sizes.teachers),
+        "data.dataset": dataset, "data.root": str(root), "data.splits": str(splits), "views.count": views,
+        "views.crop_size": crop, "teachers.names": list(teachers),
+        "teachers.sizes": {n: s for n, s in teachers.items() if s}, **keys})
+
+
+def step_recipe(root: Path, sizes: Sizes, views: int) -> Recipe:
+    """The training recipe of a size: its student, batch and teachers, random weights."""
+    return recipe_at(root / "data", root / "splits", dict(sizes.teachers), views, sizes.crop, **{
         "student.encoder": sizes.student, "student.pretrained": False,
         "student.translator_hidden": sizes.translator_hidden, "student.kwargs": dict(sizes.student_kwargs),
         "train.batch_size": sizes.batch, "train.max_steps": 10**9, "train.eval_every": 10**6})
@@ -174,27 +185,24 @@ class Context:
         self._teachers = None
         self.step_result: dict | None = None
 
-    def teachers(self):
+    def teachers(self) -> list[Teacher]:
         if self._teachers is None:
-            self._teachers = _teachers(self.sizes, self.device)
+            self._teachers = bench_teachers(self.sizes, self.device)
         return self._teachers
 
-    def trainer(self):
+    def trainer(self) -> Trainer:
         if self._trainer is None:
-            from ..extract import extract
-            from ..train import Trainer
-
             root = self.workdir / "step"
-            ds, splits = _dataset(root, self.sizes.step_scenes, self.sizes.scene_size)
-            recipe = _recipe(root, self.sizes, views=2)
-            extract(ds, str(splits), recipe.view_spec(), self.teachers(), str(root / "cache"),
-                    batch_size=self.sizes.extract_batch, device=self.device, progress=False)
+            generated_dataset(root, self.sizes.step_scenes, self.sizes.scene_size)
+            recipe = step_recipe(root, self.sizes, views=2)
+            extract(resolve(recipe), self.teachers(), str(root / "cache"), batch_size=self.sizes.extract_batch,
+                    device=self.device, progress=False)
             self._trainer = Trainer(str(root / "cache"), "10pct", recipe, root / "run", "cached", self.device,
                                     progress=False)
         return self._trainer
 
 
-def _stream(trainer):
+def batch_stream(trainer: Trainer):
     """Batches through the real loader path, epoch after epoch."""
     for epoch in itertools.count():
-        yield from trainer._batches(epoch, 0)
+        yield from trainer.batches(epoch, 0)

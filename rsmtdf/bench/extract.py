@@ -2,36 +2,36 @@
 
 from __future__ import annotations
 
+import shutil
+
 import torch
 
-from .common import Context, _dataset, median_time
+from ..pipeline.extract import ViewSource, extract, run_teachers
+from ..pipeline.resolve import resolve
+from .common import Context, generated_dataset, median_time, recipe_at
 
 
 def bench_extract(ctx: Context) -> dict:
     """The real extract() vs the teachers' bare forward over the same crops at the same batch size."""
-    import shutil
-
-    from ..extract import ViewSource, _run_teachers, extract
-    from ..views import ViewSpec
-
     s = ctx.sizes
     root = ctx.workdir / "extract"
-    ds, splits = _dataset(root, s.extract_scenes, s.scene_size)
-    spec = ViewSpec(s.extract_views, s.crop, (0.5, 2.0), True, False, 0)
+    ds, splits = generated_dataset(root, s.extract_scenes, s.scene_size)
+    resolved = resolve(recipe_at(root / "data", splits, dict(s.teachers), s.extract_views, s.crop))
+    spec = resolved.recipe.view_spec()
     teachers = ctx.teachers()
     ids = ds.ids_in("train")
-    source = ViewSource(ds, [ds.index(i) for i in ids], spec)
+    source = ViewSource(ds, [ds.index(i) for i in ids], spec, resolved.scaling.teachers())
     crops = torch.cat([source[j][2] for j in range(len(ids))])
     out = root / "cache"
 
     def run_extract():
         shutil.rmtree(out, ignore_errors=True)
         # several shards, as in any real cache, so shard writes overlap the teachers' compute
-        extract(ds, str(splits), spec, teachers, str(out), shard_samples=max(1, len(ids) // 4),
-                batch_size=s.extract_batch, device=ctx.device, progress=False)
+        extract(resolved, teachers, str(out), shard_samples=max(1, len(ids) // 4), batch_size=s.extract_batch,
+                device=ctx.device, progress=False)
 
     def run_bare():
-        _run_teachers(teachers, crops, s.extract_batch, ctx.device, len(ids), s.extract_views)
+        run_teachers(teachers, crops, s.extract_batch, ctx.device, len(ids), s.extract_views)
 
     times = {"extract": median_time(run_extract, s.repeats, s.warmup), "bare_forward": median_time(run_bare, s.repeats, s.warmup)}
     shutil.rmtree(out, ignore_errors=True)

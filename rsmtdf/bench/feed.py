@@ -50,8 +50,19 @@ from torch.utils.data import DataLoader
 from torch.utils.data._utils.collate import default_collate
 from zarr.codecs import BloscCodec
 
-from ..batch import Batch
-from .common import Context, _dataset
+from ..cache.format import checksummed, codec_name, default_compressor
+from ..cache.reader import CacheReader
+from ..config.recipe import load_recipe
+from ..data.batch import Batch
+from ..data.tilecache import DecodedTiles
+from ..models.student import Student, TeacherSlot
+from ..train.loader import EpochSampler, ReplaySet, collate, loader_pixels, one_ahead, read_targets, render_crops, sample_rng
+from ..transforms.augment import box_masks, cutmix_box, draw_box, draw_strong, strong_augment, strong_batch
+from ..transforms.pixels import to_unit_rgb
+from ..transforms.scaling import BandScaling
+from ..transforms.views import View, ViewSpec, apply_view, resize_and_crop
+from ..utils.runtime import keep_freed_buffers
+from .common import Context, generated_dataset
 
 H200_BF16_DENSE_FLOPS = 989e12  # H100/H200 SXM dense bf16 peak (NVIDIA's datasheet figure, no sparsity)
 MFU = 0.30  # a small ViT (384-wide matmuls) + DPT head under autocast reaches about a third of peak
@@ -87,8 +98,6 @@ def _cpu_ms(fn: Callable[[], object], repeats: int) -> float:
 
 def _targets_store(path: Path, n: int, a: int, shapes: dict[str, tuple[int, int, int]], codec, shard: int) -> str:
     """Random float16 targets with the cache's chunk (one sample, one view) and shard layout and codecs."""
-    from ..cache import checksummed
-
     rng = np.random.default_rng(0)
     group = zarr.open_group(str(path), mode="w", zarr_format=3)
     for name, (tokens, dim, _) in shapes.items():
@@ -103,9 +112,6 @@ def _targets_store(path: Path, n: int, a: int, shapes: dict[str, tuple[int, int,
 def _models(f: dict, crop: int, device: str | torch.device) -> tuple[torch.nn.Module, torch.nn.Module]:
     """The student (DINOv2-S/14 + the recipe's DPT head, translators, projections) and its EMA
     twin at the feed sizes, random weights, on `device` ("meta": no memory, for counting)."""
-    from ..model import Student, TeacherSlot
-    from ..recipe import load_recipe
-
     st = load_recipe(None).student
     slots = [TeacherSlot(n, d, int(round(t ** 0.5)), size) for n, (t, d, size) in f["targets"].items()]
     with torch.device(device):
@@ -168,19 +174,10 @@ def _model_step(f: dict, crop: int, batch: int, device: str, measure: bool, repe
 
 def bench_feed(ctx: Context) -> dict:
     """CPU ms per step of each data-path part (before and after), loader steps/s, and the verdict."""
-    from ..augment import box_masks, draw_box, draw_strong, strong_batch
-    from ..cache import CacheReader, default_compressor
-    from ..data import to_unit_rgb
-    from ..scaling import BandScaling
-    from ..tilecache import DecodedTiles, keep_freed_buffers
-    from ..train import (EpochSampler, ReplaySet, _rng, collate, cutmix_box, loader_pixels, read_targets, render_crops,
-                         strong_augment)
-    from ..views import View, ViewSpec, apply_view, resize_and_crop
-
     f = FEED_SIZES["quick" if ctx.sizes.name == "quick" else "paper"]
     crop, batch, reps = f["crop"], f["batch"], f["repeats"]
     root = ctx.workdir / "feed"
-    ds, _ = _dataset(root, f["scenes"], f["scene"])
+    ds, _ = generated_dataset(root, f["scenes"], f["scene"])
     ids = ds.ids_in("train")
     n, a = len(ids), 2
     spec = ViewSpec(a, crop)
@@ -199,7 +196,7 @@ def bench_feed(ctx: Context) -> dict:
     unl = range(batch, 2 * batch)
 
     def rng(j: int):  # the unlabeled set's generator of the step's j-th sample, as ReplaySet seeds it
-        return _rng(0, 0, ids[step[j][0]], "u")
+        return sample_rng(0, 0, ids[step[j][0]], "u")
     snap = 14 if crop % 14 == 0 else 1
 
     def decode():
@@ -302,14 +299,14 @@ def bench_feed(ctx: Context) -> dict:
     gpu = _model_step(f, crop, batch, ctx.device, measure=torch.device(ctx.device).type == "cuda")
     pin = torch.device(ctx.device).type == "cuda"
     throughput = _loader_rates(ds, ids, views, crop, readers["after"], batch, snap, f["loader_steps"], f["workers"],
-                               EpochSampler, ReplaySet, pin)
+                               pin)
     # the verdict: the data path's CPU measured through the real loaders (the most of the worker
     # counts), plus pinning where this machine could not pin; the parts' sum misses the hand-over
     measured = max(r["cpu_ms_per_step"] for r in throughput.values()) / 1e3 + \
         (0.0 if pin else parts["pin (host memcpy)"]["after"] / 1e3)
     cores = {w: loader[w] / gpu["step_s"] for w in loader} | {"measured": measured / gpu["step_s"]}
     return {"sizes": {"crop": crop, "batch": f"{batch} + {batch}", "tiles": n, "scene": f["scene"],
-                      "targets": {k: list(v) for k, v in f["targets"].items()}, "codec_after": _codec_name(),
+                      "targets": {k: list(v) for k, v in f["targets"].items()}, "codec_after": codec_name(default_compressor()),
                       "codec_before": "zstd3-bitshuffle"},
             "cpu_ms_per_step": parts, "device_ms_per_step": device_ms, "loader_cpu_s_per_step": loader,
             "bytes_per_step": nbytes, "model": gpu, "loaders": throughput,
@@ -358,18 +355,13 @@ def _copy_ms(collated: dict, repeats: int, device: str) -> dict:
     return out
 
 
-def _loader_rates(ds, ids, views, crop, reader, batch, snap, steps, worker_counts, EpochSampler,
-                  ReplaySet, pin: bool) -> dict[int, dict[str, float]]:
+def _loader_rates(ds, ids, views, crop, reader, batch, snap, steps, worker_counts,
+                  pin: bool) -> dict[int, dict[str, float]]:
     """Per worker count, steps/s of the data path as training runs it (the labeled + unlabeled
     loaders: ReplaySet with the recipe's decoded-tile store, EpochSampler; the targets read one
     batch ahead in this process) and the CPU it spends per step, workers and this process
     together (item work, collation into shared memory, hand-over, target reads), after every
     worker has seen its tiles."""
-    from ..recipe import load_recipe
-    from ..scaling import BandScaling
-    from ..tilecache import keep_freed_buffers
-    from ..train import collate, one_ahead, read_targets
-
     n = len(ids)
     common = dict(dataset=ds, ids=ids, cache_index={s: i for i, s in enumerate(ids)}, views=views,
                   valid=np.ones(views.shape[:2], np.float32), crop=crop, seed=0, snap=snap,
@@ -414,13 +406,6 @@ def _forever(loader):
         loader.sampler.epoch = epoch
         yield from loader
         epoch += 1
-
-
-def _codec_name() -> str:
-    from ..cache import default_compressor
-    from .codec import _name_of
-
-    return _name_of(default_compressor())
 
 
 def _table(parts: dict, device_ms: dict, loader: dict, rates: dict, gpu: dict, cores: dict) -> str:

@@ -33,10 +33,17 @@ import torch
 from rasterio.transform import from_origin
 from rasterio.windows import Window
 
-from ..checkpoint import save_checkpoint
-from ..data import LOVEDA
-from ..model import Student
-from ..recipe import load_recipe
+from ..cache.identity import DatasetIdentity, Identity, SplitsIdentity
+from ..config.recipe import load_recipe
+from ..data.classes import LOVEDA, ClassTable
+from ..io.raster import RasterReader, window_grid
+from ..models.checkpoint import save_checkpoint
+from ..models.student import Student
+from ..predict.blend import Tiling
+from ..predict.mapping import Outputs, mapping_threads, predict_scene
+from ..transforms.scaling import BandScaling
+from ..utils.runtime import intra_op_threads, return_freed_memory
+from .common import interleaved_times
 
 TINY_VIT = ("vit_small_patch14_dinov2", {"embed_dim": 48, "depth": 4, "num_heads": 3, "patch_size": 64})
 STUDENT = ("tf_efficientnet_lite0", {})
@@ -69,10 +76,11 @@ def random_checkpoint(path: Path, crop: int, encoder_kwargs: dict, class_names: 
     torch.manual_seed(seed)
     net = Student(encoder, len(class_names), crop, [], **encoder_kwargs).eval()
     recipe = load_recipe(None).override({"data.dataset": dataset})
-    identity = {"model": net.config, "class_names": list(class_names), "dataset": {"name": dataset},
-                "splits": {"dir": "-", "sha256": "-"}, "split": "-"}
+    classes = LOVEDA if tuple(class_names) == LOVEDA.names else ClassTable(tuple(class_names))
+    identity = Identity(DatasetIdentity(dataset, "-", classes, None, None, "-"), SplitsIdentity("-", None, "-"))
     state = net.state_dict()
-    save_checkpoint({"identity": identity, "student": state, "ema": state, "recipe": json.dumps(recipe.to_dict())}, path)
+    save_checkpoint({"identity": identity, "model": net.config, "split": "-", "student": state, "ema": state,
+                     "recipe": json.dumps(recipe.to_dict())}, path)
     return net
 
 
@@ -114,8 +122,6 @@ def _peak_rss_of(cmd: list[str]) -> tuple[float, float]:
 
 def _windows(scene: Path, size: int, window: int, stride: int) -> torch.Tensor:
     """Every window of the scene's grid as one (N, 3, S, S) float32 tensor, read as predict reads them."""
-    from ..raster import BandScaling, RasterReader, window_grid
-
     cells = [w for row in window_grid(size, size, window, stride) for w in row]
     x = torch.empty((len(cells), 3, window, window))
     with RasterReader(scene, BandScaling()) as src:
@@ -127,9 +133,6 @@ def _windows(scene: Path, size: int, window: int, stride: int) -> torch.Tensor:
 def _pair(net: Student, scene: Path, size: int, p: PredictSizes, device: str, work: Path, threads: int) -> dict:
     """Interleaved times of `predict_scene` and of the bare forward over the same windows, both at
     `threads` intra-op threads."""
-    from .common import interleaved_times
-    from ..predict import BandScaling, Outputs, Tiling, intra_op_threads, predict_scene
-
     x = _windows(scene, size, p.window, p.stride)
     def run_predict() -> None:
         predict_scene(net, scene, Outputs.beside(work / "maps" / "through.tif", False, False), BandScaling(),
@@ -150,8 +153,6 @@ def _pair(net: Student, scene: Path, size: int, p: PredictSizes, device: str, wo
 def bench_predict(ctx) -> dict:
     """Peak memory at two scene sizes, throughput against the bare forward and the thread layouts
     (see the module doc)."""
-    from ..predict import _return_freed_memory, mapping_threads
-
     p = SETTINGS["quick" if ctx.sizes.name == "quick" else "default"]
     work = ctx.workdir / "predict"
     work.mkdir(exist_ok=True)
@@ -168,7 +169,7 @@ def bench_predict(ctx) -> dict:
         memory[size] = {"peak_rss_mb": rss, "wall_s": wall}
         scene.unlink()
 
-    _return_freed_memory()  # as `rsmtdf predict` runs (it applies to the bare forward alike)
+    return_freed_memory()  # as `rsmtdf predict` runs (it applies to the bare forward alike)
     net = random_checkpoint(work / "student.pt", p.window, STUDENT[1], encoder=STUDENT[0]).to(ctx.device)
     layout = mapping_threads(ctx.device)
     scene = write_scene(work / f"scene{p.scene}.tif", p.scene)

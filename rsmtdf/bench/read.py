@@ -6,7 +6,7 @@ import math
 
 from torch.utils.data import DataLoader, Dataset
 
-from .common import Context, _stream, median_time
+from .common import Context, batch_stream, median_time
 
 
 class _Reads(Dataset):
@@ -25,7 +25,7 @@ def bench_read(ctx: Context, workers: int = 2) -> dict:
     s = ctx.sizes
     trainer = ctx.trainer()
     if ctx.step_result is None:  # run alone: time the real step (reading included) here
-        stream = _stream(trainer)
+        stream = batch_stream(trainer)
         trainer.student.train()
         step_s = median_time(lambda: trainer.train_step(next(stream)), s.repeats, s.warmup)["median_s"]
     else:

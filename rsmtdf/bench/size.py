@@ -5,33 +5,34 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .common import LOVEDA_SAMPLE, Context, _dataset
+from ..cache.store import FeatureCache
+from ..data.datasets import open_dataset
+from ..data.splits import make_splits
+from ..models.teachers import Teacher, teacher_config
+from ..pipeline.extract import ViewSource, extract, run_teachers
+from ..pipeline.resolve import resolve
+from .common import LOVEDA_SAMPLE, Context, generated_dataset, recipe_at
 
 
 def bench_size(ctx: Context) -> dict:
     """Bytes per (sample, view) and cosine to float32, from real teacher features written by extract()."""
-    from ..cache import FeatureCache
-    from ..data import open_dataset
-    from ..extract import ViewSource, _run_teachers, extract
-    from ..splits import make_splits
-    from ..teachers import Teacher, teacher_config
-    from ..views import ViewSpec
-
     s = ctx.sizes
     root = ctx.workdir / "size"
     if LOVEDA_SAMPLE.is_dir():
-        ds, source_name = open_dataset("loveda", LOVEDA_SAMPLE), f"real LoveDA sample ({LOVEDA_SAMPLE})"
+        data, source_name = LOVEDA_SAMPLE, f"real LoveDA sample ({LOVEDA_SAMPLE})"
+        ds = open_dataset("loveda", data)
         make_splits(ds, root / "splits")
         splits = root / "splits"
     else:
-        ds, splits = _dataset(root, 2, 1024)
+        (ds, splits), data = generated_dataset(root, 2, 1024), root / "data"
         source_name = "generated scenes (rsmtdf.synthetic)"
     teacher = Teacher(teacher_config("effnet_lite0"), pretrained=True).to(ctx.device)
-    spec = ViewSpec(s.size_views, s.size_crop, (0.5, 2.0), True, False, 0)
+    recipes = {storage: recipe_at(data, splits, {"effnet_lite0": None}, s.size_views, s.size_crop,
+                                  **{"teachers.storage": storage}) for storage in ("float16", "int8")}
     ids = ds.ids_in("train")
-    src = ViewSource(ds, [ds.index(i) for i in ids], spec)
+    src = ViewSource(ds, [ds.index(i) for i in ids], recipes["float16"].view_spec())
     crops = torch.cat([src[j][2] for j in range(len(ids))])
-    ref = _run_teachers([teacher], crops, 8, ctx.device, len(ids), s.size_views)[teacher.name]
+    ref = run_teachers([teacher], crops, 8, ctx.device, len(ids), s.size_views)[teacher.name]
     per = ref.shape[2] * ref.shape[3]  # values per (sample, view)
     count = ref.shape[0] * ref.shape[1]
 
@@ -45,7 +46,7 @@ def bench_size(ctx: Context) -> dict:
     for storage, label in (("float16", "float16+default codec"), ("int8", "int8+scale (compressed)")):
         out = root / f"cache-{storage}"
         # one full shard: a real cache has many full shards, so no shard index sized for absent samples
-        extract(ds, str(splits), spec, [teacher], str(out), batch_size=8, storage=storage, device=ctx.device,
+        extract(resolve(recipes[storage]), [teacher], str(out), batch_size=8, device=ctx.device,
                 shard_samples=len(ids), progress=False)
         cache = FeatureCache.open(str(out))
         reader = cache.reader()

@@ -9,17 +9,18 @@ import itertools
 
 import numpy as np
 
-from ..cache import CacheReader
-from .common import Context, _stream, interleaved_times, step_flops, wait_idle
+from ..cache.reader import CacheReader
+from ..models.student import Student
+from ..train.losses import StepInputs
+from .common import Context, batch_stream, interleaved_times, step_flops, wait_idle
 
 
 class MemoryReader(CacheReader):
     """Every target of a cache held in RAM behind CacheReader's `read_into`: the floor any cache
     reader is measured against, through the same loader path."""
 
-    def __init__(self, reader: CacheReader) -> None:
+    def __init__(self, reader: CacheReader, views: int) -> None:
         super().__init__(reader.url, reader.teachers, reader.storage, reader.ids)
-        views = self._array(f"teachers/{self.teachers[0]}").shape[1]
         pairs = [(i, a) for i in range(len(self.ids)) for a in range(views)]
         rows = self.read_batch(pairs, as_stored=True)
         self.targets = {n: {pair: row[n] for pair, row in zip(pairs, rows)} for n in self.teachers}
@@ -33,15 +34,13 @@ class MemoryReader(CacheReader):
 def _memory_twin(trainer):
     """The same Trainer whose loaders hand in targets from memory instead of reading the cache."""
     t = copy.copy(trainer)
-    t.reader = MemoryReader(trainer.reader)
+    t.reader = MemoryReader(trainer.reader, trainer.cache.num_views)
     t.loaders = t.make_loaders()
     return t
 
 
 def _no_distill(trainer):
     """The same Trainer with a Student that has no teachers: FixMatch, no translators or second pass."""
-    from ..model import Student
-
     t = copy.copy(trainer)
     cfg = {**trainer.student.config, "teachers": []}
     t.student = Student.from_config(cfg).to(trainer.device)
@@ -56,12 +55,10 @@ def _no_distill(trainer):
 
 def bench_step(ctx: Context) -> dict:
     """Four set-ups of one training step at the same batch and crop, with FLOP predictions."""
-    from ..train import StepInputs
-
     s = ctx.sizes
     trainer = ctx.trainer()
     trainer.student.train()
-    stream = _stream(trainer)
+    stream = batch_stream(trainer)
     batches = [next(stream) for _ in range(s.warmup + s.repeats)]  # the in-memory set-ups replay these
     cycle = itertools.cycle(batches)
     bare = [StepInputs(**{**b.__dict__, "targets_l": {}, "targets_u": {}}) for b in batches]
@@ -81,7 +78,7 @@ def bench_step(ctx: Context) -> dict:
     # already in memory: the ratio is what reading the cache costs. Warm-up steps drain the start-up
     # prefetch burst; each timed step pays for the loader work beside it (same cores) and any wait.
     memory = _memory_twin(trainer)
-    memory_stream = _stream(memory)
+    memory_stream = batch_stream(memory)
     loader_times = interleaved_times({"cached_read": lambda: trainer.train_step(next(stream)),
                                       "loader_memory": lambda: memory.train_step(next(memory_stream))},
                                      s.repeats, max(s.warmup, 2))

@@ -27,6 +27,14 @@ import rasterio
 from rasterio.transform import from_origin
 from rasterio.windows import Window
 
+from ..data.datasets import open_dataset
+from ..models.teachers import Teacher, teacher_config
+from ..pipeline.extract import extract
+from ..pipeline.resolve import resolve
+from ..transforms.pixels import to_unit_rgb
+from ..transforms.views import ViewSpec, apply_view
+from .common import interleaved_times, recipe_at
+
 SETTINGS = {  # size name -> (large scene, small scene, tile, tiles measured for the rates, repeats)
     "quick": (512, 256, 128, 4, 1),
     "default": (16384, 4096, 512, 48, 3),
@@ -89,8 +97,9 @@ def write_tiles(root: Path, name: str, tiles: list[tuple[int, int]], tile: int) 
 WORKER = """
 import sys, time
 import numpy as np
-from rsmtdf.data import open_dataset, to_unit_rgb
-from rsmtdf.views import ViewSpec, apply_view
+from rsmtdf.data.datasets import open_dataset
+from rsmtdf.transforms.pixels import to_unit_rgb
+from rsmtdf.transforms.views import ViewSpec, apply_view
 def rss():
     return int(open("/proc/self/statm").read().split()[1]) * 4096 / 2**20
 root, tile = sys.argv[1], int(sys.argv[2])
@@ -129,12 +138,6 @@ def _worker_peak(root: Path, tile: int) -> dict:
 
 def bench_tiles(ctx) -> dict:
     """Loading and extraction rates, one scene vs separate tiles, and a worker's peak memory."""
-    from .common import interleaved_times
-    from ..data import open_dataset, to_unit_rgb
-    from ..extract import extract
-    from ..teachers import Teacher, teacher_config
-    from ..views import ViewSpec, apply_view
-
     large, small, tile, measured, repeats = SETTINGS["quick" if ctx.sizes.name == "quick" else "default"]
     work = ctx.workdir / "tiles"
     t0 = time.perf_counter()
@@ -163,18 +166,20 @@ def bench_tiles(ctx) -> dict:
     load_times = interleaved_times({k: loading(ds) for k, ds in layouts.items()}, repeats=repeats, warmup=1)
 
     teacher = Teacher(teacher_config("effnet_lite0", 64), pretrained=False).to(ctx.device)
-    extract_spec = ViewSpec(1, 56)
     runs = {k: 0 for k in layouts}
 
     def extraction(name, ds):
         splits = work / f"splits-{name}"  # one scene has no validation part: extraction only hashes the lists
         (splits / "all").mkdir(parents=True, exist_ok=True)
         (splits / "all" / "labeled.txt").write_text("".join(f"{i}\n" for i in ds.ids))
+        recipe = recipe_at(ds.root, splits, {"effnet_lite0": 64}, 1, 56, dataset="folder",
+                           **{"data.classes": list(CLASSES), "data.tile_size": tile if name == "scene" else None})
+        resolved = resolve(recipe).restricted(ds.ids)
 
         def run() -> None:
             runs[name] += 1
-            extract(ds, str(splits), extract_spec, [teacher], str(work / f"cache-{name}-{runs[name]}"), batch_size=8,
-                    num_workers=0, device=ctx.device, progress=False)
+            extract(resolved, [teacher], str(work / f"cache-{name}-{runs[name]}"), batch_size=8, num_workers=0,
+                    device=ctx.device, progress=False)
         return run
 
     extract_times = interleaved_times({k: extraction(k, ds) for k, ds in layouts.items()}, repeats=repeats, warmup=1)

@@ -1,3 +1,4 @@
-"""Inspecting a cache offline (no GPU, no teacher weights): where each stored token lies on the
-ground (`geometry`), what the features look like and whether views and teachers agree (`stats`),
-and a static HTML page of it all (`html`)."""
+"""Inspecting a cache offline (no GPU, no teacher weights): what it holds and its size (`summary`),
+a sample's views beside its features (`show`), where each stored token lies on the ground
+(`geometry`), what the features look like and whether views and teachers agree (`stats`), and a
+static HTML page of it all (`html`)."""

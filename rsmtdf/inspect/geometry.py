@@ -15,7 +15,7 @@ from dataclasses import dataclass, fields
 
 import numpy as np
 
-from ..views import View, resized_shape
+from ..transforms.views import View, resized_shape
 
 
 @dataclass(frozen=True)
@@ -77,8 +77,8 @@ def _patch(size: int, grid: int, patch: int) -> TokenGrid:
 
 def _architecture(t: dict):
     """The teacher's network with random weights: its geometry needs no weights."""
-    from ..teachers import Teacher, TeacherConfig
-    from ..weights import WeightSource
+    from ..models.teachers import Teacher, TeacherConfig
+    from ..models.weights import WeightSource
 
     names = {f.name for f in fields(TeacherConfig)}
     config = TeacherConfig(**{k: v for k, v in t.items() if k in names and k != "weights"},

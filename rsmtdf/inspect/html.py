@@ -15,13 +15,14 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from ..cache import FeatureCache
-from ..data import SegmentationDataset, described_classes
+from ..cache.store import FeatureCache
+from ..data.datasets import SegmentationDataset
 from ..errors import RsmtdfError
-from ..report import format_cache
-from ..show import choose_samples, pca_rgb, view_images
-from ..views import apply_view
+from ..pipeline.resolve import cache_dataset
+from ..transforms.views import apply_view
+from .show import choose_samples, pca_rgb, view_images
 from .stats import THRESHOLDS, compute_stats, format_stats, write_json
+from .summary import format_cache
 
 GENERATOR = '<meta name="generator" content="rsmtdf report">'  # marks a folder as ours to replace
 CELL = 128  # gallery picture size in pixels
@@ -52,6 +53,15 @@ def check_target(out: Path) -> None:
         if not page.is_file() or GENERATOR not in page.read_text(errors="replace"):
             raise RsmtdfError(f"{out}: exists and is not an rsmtdf report (nothing there was changed); "
                               "choose another -o")
+
+
+def report_cache(url: str, out: Path, gallery: int = 6, samples: int | None = None, seed: int = 0) -> dict:
+    """`rsmtdf report`: the options checked and the report of the cache at `url` written to `out`."""
+    if gallery < 0 or (samples is not None and samples < 1):
+        raise RsmtdfError(f"--gallery {gallery} --samples {samples}: give a gallery of 0 or more and at least 1 sample")
+    check_target(out)
+    cache = FeatureCache.open(url)
+    return write_report(cache, cache_dataset(cache), out, gallery, samples, seed)
 
 
 def write_report(cache: FeatureCache, dataset: SegmentationDataset | None, out: Path, gallery: int = 6,
@@ -179,9 +189,9 @@ def write_gallery(cache: FeatureCache, dataset: SegmentationDataset | None, fold
         return []
     ids = choose_samples(cache, random=count, seed=seed)
     index = {sid: k for k, sid in enumerate(cache.ids)}
-    teachers = [(t["name"], int(t["grid"])) for t in cache.attrs["teachers"]]
-    reader, crop = cache.reader(), int(cache.attrs["views"]["crop_size"])
-    colours = described_classes(cache.attrs["dataset"]).colours()
+    teachers = [(t.name, t.grid) for t in cache.identity.teachers]
+    reader, crop = cache.reader(), cache.identity.views.crop_size
+    colours = cache.identity.dataset.classes.colours()
     rows, feats = [], {name: [] for name, _ in teachers}
     for s, sid in enumerate(tqdm(ids, desc="gallery", unit="sample", disable=not progress, dynamic_ncols=True)):
         i = index[sid]
@@ -245,10 +255,10 @@ def page(cache: FeatureCache, stats: dict, figures: list[str], rows: list[dict])
                      "</figcaption></figure>")
     parts.append("</div>")
     if rows:
-        teachers = [t["name"] for t in cache.attrs["teachers"]]
+        teachers = [t.name for t in cache.identity.teachers]
         has_mask = any("mask_png" in r for r in rows)
-        classes = cache.attrs["dataset"].get("classes") or []
-        colours = described_classes(cache.attrs["dataset"]).colours()
+        classes = cache.identity.class_names
+        colours = cache.identity.dataset.classes.colours()
         parts += ["<h2>Gallery</h2>",
                   "<p>Each stored view as the teachers saw it, then each teacher's features as colours: the first "
                   "three principal components of that teacher, fitted once over every picture here, so equal colours "

@@ -22,9 +22,12 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from ..cache import FeatureCache
-from ..data import IGNORE, SegmentationDataset
+from ..cache.store import FeatureCache
+from ..data.datasets import SegmentationDataset
 from ..errors import RsmtdfError
+from ..pipeline.resolve import cache_dataset
+from ..transforms.pixels import IGNORE
+from ..utils.files import write_whole
 from .geometry import TokenGrid, match_teachers, token_grid, tokens_at, tokens_on_sample
 
 PERCENTILES = (1, 5, 25, 50, 75, 95, 99)
@@ -253,21 +256,21 @@ def compute_stats(cache: FeatureCache, dataset: SegmentationDataset | None, samp
                   seed: int = 0, progress: bool = True) -> dict:
     """Every statistic of the module docstring, streamed over the chosen samples."""
     start = time.perf_counter()
-    a = cache.attrs
-    teachers = a["teachers"]
-    crop = int(a["views"]["crop_size"])
+    ident = cache.identity
+    teachers = [t.record() for t in ident.teachers]
+    crop = ident.views.crop_size
     rng = np.random.default_rng(seed)
     order = _chosen(cache, samples, seed)
     grids = {t["name"]: token_grid(t) for t in teachers}
-    feature = {t["name"]: FeatureStats(int(t["dim"]), a["storage"], rng) for t in teachers}
+    feature = {t["name"]: FeatureStats(int(t["dim"]), ident.storage, rng) for t in teachers}
     consistency = {t["name"]: Consistency(grids[t["name"]], crop, rng) for t in teachers}
     per_chunk = max(1, -(-AGREEMENT_ROWS // (len(order) * cache.num_views)))
     pairs = {(p["name"], q["name"]): Agreement(grids[p["name"]], grids[q["name"]], crop, per_chunk, rng)
              for k, p in enumerate(teachers) for q in teachers[k + 1:]}
-    classes = list(a["dataset"].get("classes") or [])
+    classes = ident.class_names
     separation = {t["name"]: Separation(grids[t["name"]], crop, int(t["dim"]), classes) for t in teachers}
     reader, ids = cache.reader(), cache.ids
-    tile = a["dataset"].get("tile")
+    tile = ident.dataset.tile
     where = {"sizes": 0, "masks": 0}
     unread: list[str] = []  # why masks could not be read, one entry per sample
 
@@ -299,7 +302,7 @@ def compute_stats(cache: FeatureCache, dataset: SegmentationDataset | None, samp
                 agree.add(chunks[v][p], chunks[v][q])
 
     return {
-        "cache": cache.url, "storage": a["storage"], "samples": len(order), "of_samples": cache.num_samples,
+        "cache": cache.url, "storage": ident.storage, "samples": len(order), "of_samples": cache.num_samples,
         "views": cache.num_views, "seed": seed, "crop_size": crop, "seconds": round(time.perf_counter() - start, 2),
         "samples_with_size": where["sizes"], "samples_with_mask": where["masks"],
         "masks_unread": {"samples": len(unread), "first": unread[0] if unread else None},
@@ -325,12 +328,8 @@ def _sample_geometry(dataset: SegmentationDataset | None, sample_id: str, tile: 
 
 
 def write_json(result: dict, path: Path) -> Path:
-    """Strict JSON, written whole (temporary file, then rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(result, allow_nan=False))
-    tmp.replace(path)
-    return path
+    """Strict JSON, written whole."""
+    return write_whole(path, json.dumps(result, allow_nan=False))
 
 
 def _num(x: float | None, fmt: str = ".3f") -> str:
@@ -387,12 +386,8 @@ def format_stats(result: dict, red=lambda s: s) -> str:
     return "\n".join(lines)
 
 
-def cache_dataset(cache: FeatureCache) -> SegmentationDataset | None:
-    """The dataset a cache was made from (its attrs say where), or None when it is not at hand."""
-    from ..data import open_described
-
-    ds = cache.attrs["dataset"]
-    try:
-        return open_described(ds)
-    except RsmtdfError:
-        return None
+def inspect_stats(cache: FeatureCache, samples: int | None, seed: int, out: Path | None) -> tuple[dict, Path]:
+    """`inspect --stats`: the statistics of a cache (its dataset's masks and sizes where the data is
+    at hand), written as JSON to `out` (default beside the cache); returns (result, file)."""
+    result = compute_stats(cache, cache_dataset(cache), samples, seed)
+    return result, write_json(result, out or default_output(cache.url))

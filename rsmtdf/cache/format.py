@@ -1,0 +1,92 @@
+"""How a cache stores its values: the storage kinds, the codecs and checksums of its chunks, the
+store behind a path or URL, and the one-line account of a chunk that does not decode."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import zarr.storage
+from zarr.codecs import BloscCodec, Crc32cCodec
+
+from ..io.remote import is_url, zarr_store
+
+STORAGES = ("float16", "int8")
+DIMS = ("sample", "view", "token", "channel")
+
+
+@dataclass(frozen=True)
+class TeacherLayout:
+    """Shape of one teacher's targets in the cache."""
+
+    name: str
+    tokens: int
+    dim: int
+
+
+def raw_bytes_per_sample(layouts: list[TeacherLayout], views: int, storage: str) -> int:
+    """Uncompressed bytes of one sample's targets (every view, every teacher; int8 adds its scales)."""
+    per_token = (lambda dim: dim + 2) if storage == "int8" else (lambda dim: 2 * dim)
+    return views * sum(lay.tokens * per_token(lay.dim) for lay in layouts)
+
+
+def default_compressor() -> BloscCodec | None:
+    """No compressor (the crc32c checksum only): on real and DINOv2/CLIP-shaped float16 features
+    Blosc-zstd saves at most 8 % of the bytes and costs about twice the read CPU, which a GPU's
+    loader cores cannot spare (BENCHMARKS.md, `bench codec`). Caches made with another codec keep
+    it in their arrays' metadata and read as before."""
+    return None
+
+
+def checksummed(compressor) -> tuple:
+    """The codecs after serialisation: compress (unless None), then append the chunk's crc32c."""
+    return (Crc32cCodec(),) if compressor is None else (compressor, Crc32cCodec())
+
+
+def codec_name(codec: BloscCodec | None) -> str:
+    """A codec in a few words: `none`, or `zstd3-bitshuffle`."""
+    if codec is None:
+        return "none"
+    shuffle = getattr(codec.shuffle, "value", codec.shuffle)
+    return f"{getattr(codec.cname, 'value', codec.cname)}{codec.clevel}-{shuffle}"
+
+
+def quantize_int8(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-token symmetric int8: x ≈ q · scale, scale = max|x| / 127 over the token's channels."""
+    scale = np.abs(x).max(axis=-1, keepdims=True) / 127.0
+    scale = np.where(scale == 0, 1.0, scale).astype(np.float16)
+    q = np.clip(np.rint(x / scale.astype(np.float32)), -127, 127).astype(np.int8)
+    return q, scale[..., 0]
+
+
+def open_store(url: str, read_only: bool):
+    """The Zarr store of a local path (`file://` too) or an fsspec URL."""
+    if is_url(url):
+        return zarr_store(url, read_only)
+    return zarr.storage.LocalStore(url.removeprefix("file://"), read_only=read_only)
+
+
+def repair_command(url: str) -> str:
+    return f"`rsmtdf extract-features --repair -o {url}` with the recipe that made it"
+
+
+def repair_hint(url: str) -> str:
+    return f"run `rsmtdf inspect --verify {url}`, then {repair_command(url)}"
+
+
+def has_nan(x: np.ndarray) -> bool:
+    """Whether x holds a NaN; float16 as integers (exponent all ones, mantissa not zero), which is
+    15 times faster than numpy's float16 isnan."""
+    if x.dtype == np.float16:
+        return bool(((x.view(np.uint16) & 0x7FFF) > 0x7C00).any())
+    return bool(np.isnan(x).any())
+
+
+def decode_problem(exc: Exception) -> str:
+    """A decode failure in a few words: zarr's checksum message, or the codec's first line."""
+    text = str(exc).split("\n")[0]
+    if "checksum" in text:
+        return "checksum mismatch"
+    return f"{type(exc).__name__}: {text[:80]}" if text else type(exc).__name__
+
+

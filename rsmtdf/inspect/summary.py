@@ -1,0 +1,95 @@
+"""What `rsmtdf inspect` prints: a cache's contents and sizes, or the predicted size of one."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from ..cache.format import TeacherLayout, raw_bytes_per_sample
+from ..cache.store import FeatureCache
+from ..data.tilecache import sample_bytes
+from ..models.teachers import Teacher
+from ..pipeline.extract import extract, training_ids
+from ..config.recipe import Recipe
+from ..pipeline.resolve import Resolved, check_for_student, resolve
+from ..transforms.views import ViewSpec
+from ..utils.files import format_bytes
+
+
+def _views_line(v: ViewSpec) -> str:
+    lo, hi = v.scale_range
+    aug = ", ".join(x for x, on in (("hflip", v.hflip), ("rot90", v.rot90)) if on) or "no flips"
+    return f"{v.count} per sample, crop {v.crop_size}, scale {lo}–{hi}, {aug}, seed {v.seed}"
+
+
+def format_cache(cache: FeatureCache) -> str:
+    """The inspect table: dataset, views, completeness, then one row per teacher with sizes."""
+    a, ident = cache.attrs, cache.identity
+    missing = cache.missing_shards()
+    state = "complete" if a.get("complete") and not missing else \
+        f"INCOMPLETE: {len(missing)} of {cache.num_shards} shards missing {missing[:20]}" if missing else \
+        "all shards written, not finalized (re-run extract-features to finalize)"
+    d = ident.dataset
+    tiles = f", tiles {d.tile}² every {d.tile_stride} px" if d.tile else ""
+    stats = ident.splits.stats_sha256
+    stats = "" if stats in (None, "none") else f", band statistics sha256 {stats[:12]}"
+    lines = [
+        f"cache     {cache.url}",
+        f"state     {state}",
+        f"dataset   {d.name}: {d.num_samples} samples at {d.root} (ids sha256 {d.ids_sha256[:12]}){tiles}",
+        f"classes   {len(d.classes.names)}: {', '.join(d.classes.names)}",
+        f"input     {ident.input.describe() if ident.input else 'not recorded (a cache from before records)'}",
+        f"splits    {ident.splits.dir} (sha256 {ident.splits.sha256[:12]}{stats})",
+        f"views     {_views_line(ident.views)}",
+        f"storage   {ident.storage}, {cache.num_shards} shards of {cache.shard_samples} samples",
+        "",
+        f"{'teacher':<16}{'model':<34}{'shape (N, A, L, C)':<26}{'dtype':<9}{'raw':>10}{'on disk':>11}{'ratio':>7}",
+    ]
+    total_raw = total_disk = 0
+    for t in ident.teachers:
+        arr = cache.group[f"teachers/{t.name}"]
+        raw = arr.nbytes + (cache.group[f"scales/{t.name}"].nbytes if ident.storage == "int8" else 0)
+        disk = cache.bytes_stored(t.name)
+        total_raw, total_disk = total_raw + raw, total_disk + disk
+        model = f"{t.model} L{t.layer} @{t.input_size}"
+        lines.append(f"{t.name:<16}{model:<34}{str(arr.shape):<26}{ident.storage:<9}{format_bytes(raw):>10}"
+                     f"{format_bytes(disk):>11}{raw / max(disk, 1):>6.2f}x")
+    lines.append(f"{'total':<85}{format_bytes(total_raw):>10}{format_bytes(total_disk):>11}"
+                 f"{total_raw / max(total_disk, 1):>6.2f}x")
+    return "\n".join(lines)
+
+
+def estimate_size(resolved: Resolved, teachers: list[Teacher], probe: int = 4) -> str:
+    """Predict a cache's size: exact raw bytes, and bytes on disk from a real extraction of `probe`
+    samples (compression depends on the features, so it is measured, not guessed)."""
+    recipe, spec = resolved.recipe, resolved.recipe.view_spec()
+    ids = training_ids(resolved.dataset)
+    n, storage = len(ids), recipe.teachers.storage
+    per_sample_raw = raw_bytes_per_sample([TeacherLayout(t.name, t.num_tokens, t.dim) for t in teachers], spec.count,
+                                          storage)
+    k = max(1, min(probe, n))
+    probed = resolved.restricted([ids[int(j)] for j in np.linspace(0, n - 1, k).round()])  # spread over domains
+    with tempfile.TemporaryDirectory() as tmp:
+        extract(probed, teachers, str(Path(tmp) / "probe"), shard_samples=k, num_workers=0, progress=False,
+                device="cpu")
+        probe_cache = FeatureCache.open(str(Path(tmp) / "probe"))
+        per_sample_disk = sum(probe_cache.bytes_stored(t.name) for t in teachers) / k
+    tile = sum(sample_bytes(probed.dataset.load(j)) for j in range(k)) / k
+    lines = [f"estimate  {recipe.data.dataset}: {n} training samples × {spec.count} views, "
+             f"crop {spec.crop_size}, {storage}"]
+    for t in teachers:
+        lines.append(f"  {t.name:<16} {t.num_tokens} tokens × {t.dim} per view")
+    lines.append(f"raw       {format_bytes(per_sample_raw * n)}  ({format_bytes(per_sample_raw)} per sample)")
+    lines.append(f"on disk   {format_bytes(per_sample_disk * n)}  (compression measured on {k} samples: "
+                 f"{per_sample_raw / per_sample_disk:.2f}x)")
+    lines.append(f"decoded   {format_bytes(tile * n)}  (every training tile decoded in memory, per loader worker; "
+                 f"[train] decoded_cache_mb = {recipe.train.decoded_cache_mb} MB each)")
+    return "\n".join(lines)
+
+
+def estimate_recipe(recipe: Recipe, teacher_weights: dict[str, str] | None = None, probe: int = 4) -> str:
+    """`inspect --estimate`: `estimate_size` of the cache a recipe would make."""
+    resolved = resolve(check_for_student(recipe, training=False))
+    return estimate_size(resolved, resolved.teachers(teacher_weights), probe)

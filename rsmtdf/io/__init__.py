@@ -1,0 +1,1 @@
+"""Reading rasters window by window (`raster`) and reaching object stores (`remote`)."""
