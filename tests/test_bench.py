@@ -9,10 +9,18 @@ from conftest import run_cli
 from rsmtdf.bench import PARTS, median_time
 
 
-def test_median_time_warms_up_and_takes_the_median():
-    calls = []
-    r = median_time(lambda: calls.append(1), repeats=3, warmup=2)
-    assert len(calls) == 5 and len(r["times_s"]) == 3 and r["median_s"] >= 0
+def test_median_time_warms_up_and_takes_the_median(monkeypatch):
+    """On a clock each call moves by a known duration: the two warm-up calls are not timed, the
+    three timed ones are, and the median is theirs."""
+    import rsmtdf.bench.common as common
+
+    clock, durations = [0.0], iter([7.0, 9.0, 5.0, 1.0, 3.0])
+    monkeypatch.setattr(common.time, "perf_counter", lambda: clock[0])
+
+    def call():
+        clock[0] += next(durations)
+    r = median_time(call, repeats=3, warmup=2)
+    assert r["times_s"] == [5.0, 1.0, 3.0] and r["median_s"] == 3.0
 
 
 def test_bench_all_quick_writes_every_part(tmp_path):

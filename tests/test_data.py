@@ -88,9 +88,31 @@ def test_colour_masks_decode_in_dwl_order(tmp_path, name, table):
         open_dataset(name, tmp_path).load(0)
 
 
-def test_potsdam_class_order():
-    assert POTSDAM.names == ("impervious surface", "building", "low vegetation", "tree", "car", "clutter")
-    assert DEEPGLOBE.names == ("urban", "agriculture", "rangeland", "forest", "water", "barren", "unknown")
+# The published colour legends (ISPRS 2D labeling benchmark; DeepGlobe land cover challenge), in the
+# DWL order the reference's class indices follow: colour -> class name, written out here, not read from
+# the tables under test.
+LEGENDS = {
+    "potsdam": [((255, 255, 255), "impervious surface"), ((0, 0, 255), "building"), ((0, 255, 255), "low vegetation"),
+                ((0, 255, 0), "tree"), ((255, 255, 0), "car"), ((255, 0, 0), "clutter")],
+    "deepglobe": [((0, 255, 255), "urban"), ((255, 255, 0), "agriculture"), ((255, 0, 255), "rangeland"),
+                  ((0, 255, 0), "forest"), ((0, 0, 255), "water"), ((255, 255, 255), "barren"), ((0, 0, 0), "unknown")],
+}
+
+
+@pytest.mark.parametrize("name", LEGENDS)
+def test_the_published_legend_decodes_to_its_classes_in_dwl_order(tmp_path, name):
+    """A mask painted with each legend colour in turn decodes to that colour's class, at the index
+    of its place in the legend (DWL's index masks, and so the reference's class indices)."""
+    legend = LEGENDS[name]
+    mask = np.zeros((4 * len(legend), 8, 3), np.uint8)
+    for k, (rgb, _) in enumerate(legend):
+        mask[4 * k : 4 * (k + 1)] = rgb
+    _write_png(tmp_path / "Train/images/a.png", np.full(mask.shape, 100, np.uint8))
+    _write_png(tmp_path / "Train/masks/a.png", mask)
+    ds = open_dataset(name, tmp_path)
+    decoded = ds.load(0).mask
+    for k, (_, class_name) in enumerate(legend):
+        assert (decoded[4 * k : 4 * (k + 1)] == k).all() and ds.classes.names[k] == class_name
 
 
 def test_folder_geotiff_any_bands_keeps_geo(tmp_path):

@@ -84,11 +84,15 @@ def run(parts: list[str], size: str = "default", device: str | None = None, out:
     return results
 
 
-def run_parts(part: str, size: str, device: str | None, out: Path | None, echo: Callable[[str], None] = print,
-              threads: int | None = None) -> str:
-    """`rsmtdf bench PART`: the part (or `all`) run, its results written to `out`; returns the table."""
+def run_parts(part: str, quick: bool, full: bool, device: str | None, out: Path | None,
+              echo: Callable[[str], None] = print, threads: int | None = None) -> str:
+    """`rsmtdf bench PART`: the part (or `all`) run at the quick, full or default sizes, its results
+    written to `out`; returns the table."""
     if part not in (*PARTS, "all"):
         raise RsmtdfError(f"bench {part}: choose one of {', '.join(PARTS)}, all")
+    if quick and full:
+        raise RsmtdfError("bench: give --quick or --full, not both")
+    size = "quick" if quick else "full" if full else "default"
     table = format_table(run(list(PARTS) if part == "all" else [part], size, device, out, echo=echo, threads=threads))
     return table + (f"\nwrote {out}" if out is not None else "")
 

@@ -113,7 +113,7 @@ def _receptive_field(teacher, t: dict, size: int, grid: int) -> TokenGrid | None
     for k in (8, 16, 32, 64):
         probe = size + k * step
         x = torch.full((1, 3, probe, probe), 1e-3, requires_grad=True)
-        feat = model.forward_intermediates(x, indices=[teacher._layer_index()], intermediates_only=True)[0]
+        feat = model.forward_intermediates(x, indices=[teacher.layer_index()], intermediates_only=True)[0]
         if feat.shape[-1] != grid + k:
             return None
         j = feat.shape[-1] // 2

@@ -55,13 +55,16 @@ def check_target(out: Path) -> None:
                               "choose another -o")
 
 
-def report_cache(url: str, out: Path, gallery: int = 6, samples: int | None = None, seed: int = 0) -> dict:
-    """`rsmtdf report`: the options checked and the report of the cache at `url` written to `out`."""
+def report_cache(url: str, out: Path, gallery: int = 6, samples: int | None = None, seed: int = 0) -> str:
+    """`rsmtdf report`: the options checked, the report of the cache at `url` written to `out`, and
+    the line that says what it holds."""
     if gallery < 0 or (samples is not None and samples < 1):
         raise RsmtdfError(f"--gallery {gallery} --samples {samples}: give a gallery of 0 or more and at least 1 sample")
     check_target(out)
     cache = FeatureCache.open(url)
-    return write_report(cache, cache_dataset(cache), out, gallery, samples, seed)
+    done = write_report(cache, cache_dataset(cache), out, gallery, samples, seed)
+    return (f"report of {done['samples']} samples, gallery of {gallery} ({done['gallery']} views), "
+            f"{done['images']} images: open {out / 'index.html'}")
 
 
 def write_report(cache: FeatureCache, dataset: SegmentationDataset | None, out: Path, gallery: int = 6,

@@ -134,12 +134,13 @@ def render_sample(cache: FeatureCache, sample_id: str, out: str | Path, dataset:
     return layout
 
 
-def show_samples(cache: FeatureCache, sample_id: str | None, index: int | None, random: int | None, seed: int,
+def show_samples(url: str, sample_id: str | None, index: int | None, random: int | None, seed: int,
                  out: Path | None) -> list[Path]:
     """`rsmtdf show`: a PNG per chosen sample (`choose_samples`) at `out` (a file, or with `random`
     a folder; default <sample>.png here); the dataset's pixels where it is at hand. Returns the files."""
     if sum(x is not None for x in (sample_id, index, random)) != 1:
         raise RsmtdfError("show: give exactly one of --sample ID, --index I, --random N")
+    cache = FeatureCache.open(url)
     dataset = cache_dataset(cache)  # None if the dataset moved: the features alone
     written = []
     for sid in choose_samples(cache, sample_id, index, random, seed):

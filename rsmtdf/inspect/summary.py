@@ -4,18 +4,22 @@ from __future__ import annotations
 
 import tempfile
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
 from ..cache.format import TeacherLayout, raw_bytes_per_sample
 from ..cache.store import FeatureCache
+from ..cache.verify import verify_cache
 from ..data.tilecache import sample_bytes
+from ..errors import RsmtdfError
 from ..models.teachers import Teacher
 from ..pipeline.extract import extract, training_ids
 from ..config.recipe import Recipe
 from ..pipeline.resolve import Resolved, check_for_student, resolve
 from ..transforms.views import ViewSpec
 from ..utils.files import format_bytes
+from .stats import format_stats, inspect_stats
 
 
 def _views_line(v: ViewSpec) -> str:
@@ -93,3 +97,25 @@ def estimate_recipe(recipe: Recipe, teacher_weights: dict[str, str] | None = Non
     """`inspect --estimate`: `estimate_size` of the cache a recipe would make."""
     resolved = resolve(check_for_student(recipe, training=False))
     return estimate_size(resolved, resolved.teachers(teacher_weights), probe)
+
+
+def inspect_cache(url: str, verify: bool = False, stats: bool = False, samples: int | None = None,
+                  seed: int = 0, stats_out: Path | None = None, echo: Callable[[str], None] = print,
+                  red: Callable[[str], str] = lambda text: text) -> None:
+    """`rsmtdf inspect`: what the cache holds (`format_cache`); with `verify`, every chunk read and
+    the damaged shards named (one error line after them); with `stats`, the statistics printed and
+    written as JSON (`inspect_stats`)."""
+    cache = FeatureCache.open(url)
+    if verify:
+        report = verify_cache(cache)
+        for line in report.lines():
+            echo(line)
+        if problem := report.problem():
+            raise RsmtdfError(problem)
+        return echo(report.summary())
+    echo(format_cache(cache))
+    if stats:
+        result, out = inspect_stats(cache, samples, seed, stats_out)
+        echo("\n" + format_stats(result, red=red))
+        echo(f"inspected {result['samples']} samples × {result['views']} views in {result['seconds']:.1f} s; "
+             f"wrote {out}")

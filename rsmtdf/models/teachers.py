@@ -156,11 +156,12 @@ class Teacher(nn.Module):
         if x.shape[-1] != self.input_size or x.shape[-2] != self.input_size:
             x = F.interpolate(x, size=(self.input_size, self.input_size), mode="bilinear", align_corners=True)
         x = (x - self.mean) / self.std
-        out = self.model.forward_intermediates(x, indices=[self._layer_index()], **self._intermediate_kwargs())
+        out = self.model.forward_intermediates(x, indices=[self.layer_index()], **self._intermediate_kwargs())
         feat = out["image_intermediates"][0] if isinstance(out, dict) else out[0]
         return feat.flatten(2).transpose(1, 2) if feat.ndim == 4 else feat
 
-    def _layer_index(self) -> int:
+    def layer_index(self) -> int:
+        """The block (ViT) or feature stage (CNN) the targets are taken from, counted from 0."""
         n = _depth(self.model)
         return self.config.layer % n
 

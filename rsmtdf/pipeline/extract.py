@@ -152,6 +152,7 @@ def extract_recipe(recipe: Recipe, output: str | None = None, teacher_weights: d
     """`extract` of a recipe as the command line and the API run it: resolved, its teachers built,
     into `output` (default: `resolve.default_cache`), this process's share of the shards by default
     its rank among a torchrun or SLURM launch's. Returns the summary and where the cache is."""
+    options["device"] = choose_device(options.get("device", "auto"))  # an option checked before the data
     check_for_student(recipe, training=False)
     output = str(output or default_cache(recipe))
     rank, world = launch_rank()

@@ -18,9 +18,11 @@ from pathlib import Path
 from ..cache.identity import DatasetIdentity, Identity, SplitsIdentity
 from ..cache.store import FeatureCache
 from ..config.recipe import DataConfig, Recipe, StudentConfig, load_recipe, parse_sets
-from ..data.bandstats import compute_band_stats, read_band_stats, stats_path, training_ids, write_band_stats
+from ..data.bandstats import (compute_band_stats, read_band_stats, stats_path, summary_table, training_ids,
+                              write_band_stats)
 from ..data.classes import ClassTable, folder_classes, with_palette
 from ..data.datasets import DATASETS, SegmentationDataset, open_dataset
+from ..data.splits import check_lists
 from ..errors import RsmtdfError
 from ..models.student import CNN_STRIDES
 from ..models.teachers import TEACHERS, Teacher, build_teachers, teacher_config
@@ -236,9 +238,20 @@ def cache_dataset(cache: FeatureCache) -> SegmentationDataset | None:
         return None
 
 
-def dataset_stats(recipe: Recipe, progress: bool = True) -> tuple[dict, Path, int]:
+def dataset_stats(recipe: Recipe, progress: bool = True) -> str:
     """`rsmtdf stats`: the band statistics of the training tiles the recipe's split lists name,
-    written beside them; returns (statistics, file, tiles)."""
+    written beside them; returns their table and a summary line."""
     ids = training_ids(recipe.data.splits)
     stats = compute_band_stats(resolve_dataset(recipe).subset(ids), ids, progress)
-    return stats, write_band_stats(stats, recipe.data.splits), len(ids)
+    path = write_band_stats(stats, recipe.data.splits)
+    return (f"{summary_table(stats)}\nwrote statistics of {len(stats['bands'])} bands ({stats['dtype']}) over "
+            f"{len(ids)} tiles to {path}")
+
+
+def check_splits(recipe: Recipe, splits: str | Path | None = None) -> str:
+    """`rsmtdf check-splits`: every name of the lists (default: the recipe's) checked to be a sample
+    of the recipe's dataset; returns the counts and a summary line."""
+    target, dataset = Path(splits or recipe.data.splits), resolve_dataset(recipe)
+    counts = check_lists(target, dataset)
+    return (", ".join(f"{k}: {v}" for k, v in counts.items()) + f"\nall {sum(counts.values())} names in "
+            f"{len(counts)} lists of {target} resolve in {dataset.root}")

@@ -270,10 +270,10 @@ def predict_many(net: Student, scenes: list[Path], plans: list[Outputs], scaling
 def map_scenes(images: list[str], checkpoint: Path, out: Path, which: str = "ema", window: int | None = None,
                stride: int | None = None, batch_size: int = 8, probabilities: bool = False, confidence: bool = False,
                overwrite: bool = False, device: str = "auto", echo: Callable[[str], None] = print,
-               fail: Callable[[str], None] = print) -> tuple[int, int, Tiling]:
+               fail: Callable[[str], None] = print) -> tuple[str, bool]:
     """`rsmtdf predict`: every raster `images` names (files, folders, globs) mapped with a checkpoint's
     or export's model into `out`; inputs that match nothing and scenes that fail are told to `fail`,
-    one line each. Returns (scenes mapped, inputs in all, the tiling used)."""
+    one line each. Returns the summary line and whether every input was mapped."""
     if which not in ("ema", "student"):
         raise RsmtdfError(f"--model {which}: choose ema or student")
     net, identity, recipe = load_model(checkpoint, which)
@@ -287,4 +287,6 @@ def map_scenes(images: list[str], checkpoint: Path, out: Path, which: str = "ema
         fail(line)
     failed = predict_many(net.to(device), scenes, plans, model_scaling(net, recipe), identity, tiling, device,
                           overwrite, echo, fail)
-    return len(scenes) - failed, len(scenes) + len(problems), tiling
+    mapped, total = len(scenes) - failed, len(scenes) + len(problems)
+    return (f"{mapped} of {total} inputs mapped with {checkpoint} ({which}, window {tiling.window}, stride "
+            f"{tiling.stride}) into {out}"), mapped == total
