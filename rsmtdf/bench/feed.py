@@ -8,20 +8,20 @@ from other processes inflates it less than wall time), each part of the data pat
 - decode          `dataset.load` of the step's 16 tiles; after, from the worker's `DecodedTiles`
                   (a later epoch: every tile already decoded once);
 - views (worker)  before, `to_unit_rgb` of the whole tile and `views.resize_and_crop` (the whole
-                  tile resized) of image and mask; after, `train.loader_pixels`: the view's window
+                  tile resized) of image and mask; after, `train.loader.loader_pixels`: the view's window
                   of raw pixels cut out, and the label crop (a gather);
-- views (device)  after: `train.render_crops`, scaling and resampling the windows on the training
+- views (device)  after: `train.loader.render_crops`, scaling and resampling the windows on the training
                   device (timed on this CPU when there is no GPU; not loader work);
 - strong (worker) what the loader worker spends on strong augmentation and CutMix: before, the
-                  per-sample torchvision pixels (`train.strong_augment`, `cutmix_box`); after, the
+                  per-sample torchvision pixels (`augment.strong_augment`, `cutmix_box`); after, the
                   draws alone (`augment.draw_strong`, `draw_box`);
 - strong (device) after: `augment.strong_batch` + `box_masks` on the batch, which runs on the
                   training device (timed on this CPU when there is no GPU; not loader work);
 - cache reads     the step's 16 (sample, view) targets: before, `CacheReader.read` in the workers,
-                  Blosc-zstd through zarr, widened to float32; after, `train.read_targets` in the
+                  Blosc-zstd through zarr, widened to float32; after, `train.loader.read_targets` in the
                   training process: the default codec (none) read straight from the shard files
                   (`shardfile`), float16, stacked into the batch;
-- collate         `default_collate` of both batches (after: `train.collate`, without targets);
+- collate         `default_collate` of both batches (after: `train.loader.collate`, without targets);
 - pin + copy      the copy into page-locked memory (measured as a memcpy of the batch's bytes on a
                   machine without CUDA) and the host→device transfer (measured on a GPU, otherwise
                   predicted at PCIe 5.0 x16 speed, overlapped with compute by `non_blocking`).
@@ -246,7 +246,7 @@ def bench_feed(ctx: Context) -> dict:
 
     def reads(which: str) -> Callable[[], object]:
         """The step's target reads: before, by the loader workers, widened to float32; after, by the
-        training process (`train.read_targets`, both batches, stacked as they are handed on)."""
+        training process (`train.loader.read_targets`, both batches, stacked as they are handed on)."""
         if which == "before":
             return lambda: [readers["before"].read(i, v) for i, v in step]
         index, view = torch.tensor([i for i, _ in step]), torch.tensor([v for _, v in step])

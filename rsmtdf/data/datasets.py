@@ -4,7 +4,7 @@ A dataset is a list of `Record`s (one per training tile) plus a `ClassTable` tha
 file's encoding (raw codes or colours) into class indices with 255 as ignore. LoveDA, Potsdam,
 DeepGlobe and a user's own folder are the same class with different tables and layouts.
 
-Pixels are read by window through `raster.RasterReader` (the project's one windowed reader): a tile
+Pixels are read by window through `io.raster.RasterReader` (the project's one windowed reader): a tile
 reads only its window of the image and of the mask, never the whole scene. Scenes larger than a tile
 are cut on `tiling.TileGrid` (`[data] tile_size`, `tile_stride`); a mask on another georeferenced
 grid than its image is resampled onto the image's grid (nearest), and its nodata is ignored (255).
