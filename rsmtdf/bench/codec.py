@@ -29,6 +29,7 @@ from ..data.datasets import open_dataset
 from ..models.teachers import Teacher, teacher_config
 from ..pipeline.extract import ViewSource, run_teachers
 from ..transforms.views import ViewSpec
+from ..utils.runtime import intra_op_threads
 from .common import LOVEDA_SAMPLE, Context, generated_dataset
 
 
@@ -100,17 +101,13 @@ def bench_codec(ctx: Context) -> dict:
     """The codec table on real and DINOv2/CLIP-shaped features; the ratio judged: the default's read
     speed against the fastest candidate's."""
     codecs = candidates(quick=ctx.sizes.name == "quick")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with intra_op_threads(1):
         real, source = _real_features(ctx)
         sets = {**real, **_random_features(ctx)}
         table: dict[str, dict[str, dict]] = {}
         for fname, x in sets.items():
             table[fname] = {c: measure(x, codec, str(ctx.workdir / "codec.zarr")) for c, codec in codecs.items()}
             table[fname][DIRECT] = measure(x, None, str(ctx.workdir / "codec.zarr"), direct=True)
-    finally:
-        torch.set_num_threads(threads)
     default = codec_name(default_compressor())
     real_rows = [table[k] for k in real]
     speed = {c: float(np.mean([r[c]["read_mb_s"] for r in real_rows])) for c in codecs}  # all through zarr

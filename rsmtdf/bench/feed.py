@@ -61,7 +61,7 @@ from ..transforms.augment import box_masks, cutmix_box, draw_box, draw_strong, s
 from ..transforms.pixels import to_unit_rgb
 from ..transforms.scaling import BandScaling
 from ..transforms.views import View, ViewSpec, apply_view, resize_and_crop
-from ..utils.runtime import keep_freed_buffers
+from ..utils.runtime import intra_op_threads, keep_freed_buffers
 from .common import Context, generated_dataset
 
 H200_BF16_DENSE_FLOPS = 989e12  # H100/H200 SXM dense bf16 peak (NVIDIA's datasheet figure, no sparsity)
@@ -82,17 +82,13 @@ FEED_SIZES = {  # `quick` for CI; every other size runs the paper's, which is th
 
 def _cpu_ms(fn: Callable[[], object], repeats: int) -> float:
     """Median CPU milliseconds of `fn()` on one intra-op thread, as a loader worker runs it."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with intra_op_threads(1):
         fn()  # warm-up: page cache, lazy opens, allocator
         times = []
         for _ in range(repeats):
             t0 = time.process_time()
             fn()
             times.append(time.process_time() - t0)
-    finally:
-        torch.set_num_threads(threads)
     return 1e3 * float(np.median(times))
 
 
