@@ -26,6 +26,7 @@ from ..data.datasets import DATASETS
 from ..errors import RsmtdfError
 from ..models.teachers import teacher_config
 from ..transforms.views import ViewSpec
+from ..utils.files import parse_file
 from .schema import (BAND_INDICES, HEX_COLOURS, MASK_CODES, NONEMPTY_UNIQUE, ORDERED_RANGE, POSITIVE_SIZES,
                      PROBABILITY, RGB_BANDS, RGB_VALUES, Rule, above, as_typed, at_least, checked, key, show_toml)
 
@@ -278,13 +279,7 @@ def load_recipe(path: str | Path | None, sets: list[str] | None = None) -> Recip
         recipe = Recipe.from_dict({}, "recipe defaults")
     else:
         path = Path(path)
-        try:
-            data = tomllib.loads(path.read_text())
-        except FileNotFoundError:
-            raise RsmtdfError(f"{path}: recipe not found") from None
-        except tomllib.TOMLDecodeError as exc:
-            raise RsmtdfError(f"{path}: not valid TOML ({exc})") from None
-        recipe = Recipe.from_dict(data, str(path))
+        recipe = Recipe.from_dict(parse_file(path, tomllib.loads, "TOML", "recipe not found"), str(path))
     return recipe.override(parse_sets(sets)) if sets else recipe
 
 

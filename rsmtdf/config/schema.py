@@ -69,6 +69,10 @@ def checked(value: Any, tp: Any, rule: Rule | None, where: str, option: bool = F
     return out
 
 
+_SCALARS: dict[type, tuple[tuple[type, ...], Any]] = {
+    bool: ((bool,), bool), int: ((int,), int), float: ((int, float), float), str: ((str,), str)}
+
+
 def _conform(value: Any, tp: Any) -> Any:
     origin, args = get_origin(tp), get_args(tp)
     if tp is Any:
@@ -88,21 +92,10 @@ def _conform(value: Any, tp: Any) -> Any:
         if value is None:
             return None
         raise _Mismatch
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise _Mismatch
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise _Mismatch
-    if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        raise _Mismatch
-    if tp is str:
-        if isinstance(value, str):
-            return value
+    if tp in _SCALARS:
+        accepts, canonical = _SCALARS[tp]
+        if isinstance(value, accepts) and (tp is bool or not isinstance(value, bool)):  # TOML's true is no number
+            return canonical(value)
         raise _Mismatch
     if origin is tuple:
         if not isinstance(value, (list, tuple)):

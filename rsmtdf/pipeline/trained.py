@@ -17,6 +17,7 @@ from ..errors import RsmtdfError
 from ..models.checkpoint import load_checkpoint, model_identity
 from ..models.student import Student
 from ..transforms.scaling import BandScaling
+from ..utils.files import parse_file
 
 SIDECAR_FORMAT = "rsmtdf-export-2"  # 2: the identity type
 SIDECAR_FORMATS = (SIDECAR_FORMAT, "rsmtdf-export-1")
@@ -42,12 +43,7 @@ def load_model(path: str | Path, which: str = "ema") -> tuple[Student, Identity,
     if path.suffix != ".safetensors":
         return load_trained(path, which)
     side = sidecar_path(path)
-    try:
-        meta = json.loads(side.read_text())
-    except FileNotFoundError:
-        raise RsmtdfError(f"{side}: the export's sidecar is missing (it says how to build the model)") from None
-    except json.JSONDecodeError as exc:
-        raise RsmtdfError(f"{side}: not valid JSON ({exc})") from None
+    meta = parse_file(side, json.loads, "JSON", "the export's sidecar is missing (it says how to build the model)")
     if meta.get("format") not in SIDECAR_FORMATS:
         raise RsmtdfError(f"{side}: not an rsmtdf export sidecar")
     from safetensors import SafetensorError

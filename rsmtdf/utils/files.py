@@ -9,6 +9,11 @@ import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TypeVar
+
+from ..errors import RsmtdfError
+
+T = TypeVar("T")
 
 
 @contextmanager
@@ -85,3 +90,14 @@ def first_line(exc: BaseException) -> str:
     """The first line of an exception's message (GDAL's can run over several), or its type's name."""
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
+
+
+def parse_file(path: Path, parse: Callable[[str], T], what: str, missing: str) -> T:
+    """`parse` of the file's text; a missing file (`missing` says what that means) or text that
+    does not parse as `what` is one line naming the file."""
+    try:
+        return parse(path.read_text())
+    except FileNotFoundError:
+        raise RsmtdfError(f"{path}: {missing}") from None
+    except ValueError as exc:  # TOMLDecodeError and JSONDecodeError are ValueErrors
+        raise RsmtdfError(f"{path}: not valid {what} ({exc})") from None
