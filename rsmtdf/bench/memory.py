@@ -20,12 +20,13 @@ of b labeled + b unlabeled crops, sliced from one loaded batch:
   (Python, libraries, the dataset) is not on a GPU and is left out.
 
 Peak(b) = fixed + b · per_pair is fitted through the first two micro-batches and checked at the
-third (the `fit check` ratio: measured against the fit). Gradient accumulation over k micro-batches
+third (the `fit check` ratio: measured against the fit): b = 1, 2, 3 on a CPU, 2, 4 and the
+paper's 8 on a GPU or with `--full`. Gradient accumulation over k micro-batches
 holds one micro-batch's activations at a time and its gradients in the same tensors, so its peak
 is Peak(8 / k); the table gives it for k = 1, 2, 4, 8 with the smallest standard card that holds it.
 On a CPU the step runs in float32 (`train_step`'s bf16 autocast is CUDA-only) and with CPU
-attention kernels, so the activation part measured there is larger than under CUDA bf16 autocast:
-CPU figures bound a GPU's from above; only a GPU run measures it.
+attention kernels, so the activation part measured there is expected to be larger than under CUDA
+bf16 autocast: CPU figures should bound a GPU's from above; only a GPU run measures it.
 """
 
 from __future__ import annotations
@@ -206,8 +207,8 @@ def bench_memory(ctx: Context) -> dict:
     check_b, check_peak = points[2]
     table = accumulation_table(fixed, per_pair)
     basis = (f"measured on {torch.cuda.get_device_name(device)} (max_memory_allocated, bf16 autocast)" if gpu else
-             "measured on this CPU (peak RSS rise + model state + inputs; float32, CPU attention: larger "
-             "activations than CUDA bf16 autocast, so an upper bound for a GPU)")
+             "measured on this CPU (peak RSS rise + model state + inputs; float32, CPU attention: activations "
+             "expected larger than under CUDA bf16 autocast, so an upper bound for a GPU)")
     return {"sizes": {"crop": f["crop"], "student": f["student"]["encoder"], "batches": list(batches),
                       "targets": {k: list(v) for k, v in f["targets"].items()}, "paper_batch": PAPER_BATCH},
             "basis": basis, "state_bytes": state, "measured": measured,
