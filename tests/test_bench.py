@@ -56,3 +56,43 @@ def test_feed_measures_the_model_step_where_it_can_and_predicts_it_elsewhere():
     assert predicted["flops"] == measured["flops"] > 0
     assert measured["step_s"] > 0 and "measured on this CPU" in measured["basis"]
     assert "predicted" in predicted["basis"]
+
+
+def test_memory_fits_a_line_and_names_the_smallest_card():
+    """The fit and card arithmetic of `bench memory` on known figures: the line through the first
+    two points, 90 % of a card usable, the paper's 8 + 8 split into k micro-batches."""
+    from rsmtdf.bench.memory import GIB, accumulation_table, fit_line, smallest_card
+
+    assert fit_line([(1, 3.0), (2, 5.0), (3, 100.0)]) == (1.0, 2.0)  # the third point only checks the line
+    assert smallest_card(14 * GIB) == 16 and smallest_card(15 * GIB) == 24  # 16 GB: 14.4 GiB usable
+    assert smallest_card(72 * GIB) == 80 and smallest_card(73 * GIB) is None
+    table = accumulation_table(1 * GIB, 2 * GIB)
+    assert {k: (r["micro_batch"], r["peak_bytes"] / GIB, r["card_gb"]) for k, r in table.items()} == {
+        1: (8, 17.0, 24), 2: (4, 9.0, 16), 4: (2, 5.0, 16), 8: (1, 3.0, 16)}
+
+
+def test_bench_memory_quick_reports_three_steps_the_fit_and_the_accumulation_table():
+    """`bench memory` at the quick sizes: three measured micro-batches whose peaks are the model
+    state + the step's inputs + the step's RSS rise (CPU), the line through the first two, and the
+    paper's batch predicted from it per accumulation (figures themselves not judged)."""
+    from rsmtdf.bench import run
+    from rsmtdf.bench.memory import ACCUMULATION, accumulation_table, fit_line
+
+    res = run(["memory"], "quick", "cpu", echo=lambda line: None)["parts"]["memory"]
+    batches = res["sizes"]["batches"]
+    assert batches == [1, 2, 3] and set(res["measured"]) == set(batches)
+    state = sum(res["state_bytes"].values())
+    assert set(res["state_bytes"]) == {"weights", "gradients", "optimizer", "ema"} and state > 0
+    assert res["state_bytes"]["optimizer"] >= 2 * res["state_bytes"]["gradients"] > 0  # AdamW: two moments
+    for b in batches:
+        m = res["measured"][b]
+        assert m["rss_rise_bytes"] > 0 and m["input_bytes"] > 0
+        assert m["peak_bytes"] == state + m["input_bytes"] + m["rss_rise_bytes"]
+    assert m["input_bytes"] == 3 * res["measured"][1]["input_bytes"]  # inputs are per sample
+    fixed, per = fit_line([(b, res["measured"][b]["peak_bytes"]) for b in batches])
+    assert (res["fit"]["fixed_bytes"], res["fit"]["per_pair_bytes"]) == (fixed, per)
+    assert res["accumulation"] == accumulation_table(fixed, per) and list(res["accumulation"]) == list(ACCUMULATION)
+    (name, check), = res["ratios"].items()
+    assert "3 + 3" in name and check["predicted"] * 2**30 == fixed + 3 * per
+    assert check["value"] * 2**30 == res["measured"][3]["peak_bytes"]
+    assert "upper bound" in res["basis"] and "| 8 | 1 + 1 |" in res["markdown"]

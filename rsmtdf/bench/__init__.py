@@ -22,6 +22,9 @@ One module per part, each runnable alone:
             (`predict.py`).
 - `tiles`   one large scene read as tiles by window vs the same tiles as files: loading and
             extraction rates, a loader worker's peak memory at two scene sizes (`tiles.py`).
+- `memory`  peak memory of one training step at the paper's shapes at three micro-batches, the line
+            through them, and the smallest GPU holding the paper's batch (8 + 8) with and without
+            gradient accumulation (`memory.py`).
 
 Speed does not depend on weights, so step/extract/read use the configured architectures with random
 weights (`pretrained=False`); every figure is a ratio, with the absolute times beside it.
@@ -44,6 +47,7 @@ from .codec import bench_codec
 from .common import SIZES, Context, interleaved_times, machine, median_time, step_flops
 from .extract import bench_extract
 from .feed import bench_feed
+from .memory import bench_memory
 from .predict import bench_predict
 from .read import bench_read
 from .size import bench_size
@@ -54,7 +58,7 @@ from .tiles import bench_tiles
 # whose "ratios" each carry value, goal, optionally predicted, and an "absolute" line for the table
 PARTS: dict[str, Callable[[Context], dict]] = {
     "step": bench_step, "extract": bench_extract, "read": bench_read, "size": bench_size, "codec": bench_codec,
-    "feed": bench_feed, "predict": bench_predict, "tiles": bench_tiles}
+    "feed": bench_feed, "predict": bench_predict, "tiles": bench_tiles, "memory": bench_memory}
 __all__ = ["PARTS", "SIZES", "format_table", "interleaved_times", "median_time", "run", "run_parts", "step_flops",
            "verdict"]
 
