@@ -4,18 +4,20 @@ one-line account of a chunk that does not decode."""
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
 import zarr.storage
-from zarr.codecs import BloscCodec, Crc32cCodec
+from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
 
 from ..io.remote import is_url, zarr_store
 from .choice import request_bytes_per_token
-from .storage import Kind
+from .storage import Kind, Pca
 
 DIMS = ("sample", "view", "token", "channel")
+BASIS = ("mean", "vectors", "spread")  # pca's basis: arrays basis/<teacher>/<name>
 
 
 @dataclass(frozen=True)
@@ -42,6 +44,22 @@ def raw_bytes_per_sample(layouts: list[TeacherLayout], views: int, storage: str 
 def part_path(part: str, teacher: str) -> str:
     """The array holding one part of a teacher's stored targets: `teachers/<name>`, `<part>s/<name>`."""
     return f"teachers/{teacher}" if part == "" else f"{part}s/{teacher}"
+
+
+def stored_record(kind: Kind) -> dict:
+    """What a cache records of a teacher's kind (`attrs["stored"]`): its record, pca's basis by its sha256."""
+    return {**kind.record(), "basis_sha256": basis_sha256(kind.basis())} if isinstance(kind, Pca) else kind.record()
+
+
+def basis_sha256(basis: dict[str, np.ndarray]) -> str:
+    return hashlib.sha256(b"".join(np.ascontiguousarray(basis[k], "<f4").tobytes() for k in BASIS)).hexdigest()
+
+
+def write_basis(group: zarr.Group, teacher: str, kind: Pca) -> None:
+    """pca's basis as checksummed arrays; NaN fill, so a lost chunk file reads as missing, not as zeros."""
+    for name, value in kind.basis().items():
+        group.create_array(f"basis/{teacher}/{name}", shape=value.shape, dtype="float32", fill_value=np.nan,
+                           compressors=checksummed(ZstdCodec()), overwrite=True)[...] = value
 
 
 def default_compressor() -> BloscCodec | None:

@@ -32,7 +32,6 @@ fidelity into the attributes, consolidates metadata, sets `complete`).
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import uuid
@@ -51,15 +50,14 @@ from ..errors import RsmtdfError
 from ..io.remote import filesystem, is_url
 from ..transforms.views import View
 from .choice import below_floor, fixed_kind
-from .format import (DIMS, TeacherLayout, checksummed, decode_problem, default_compressor, open_store, part_path,
-                     repair_hint)
+from .format import (BASIS, DIMS, TeacherLayout, basis_sha256, checksummed, decode_problem, default_compressor,
+                     open_store, part_path, repair_hint, stored_record, write_basis)
 from .identity import Identity
 from .reader import CacheReader
 from .storage import KINDS, Fidelity, Kind, Pca, storage_kind
 
 SCHEMA_VERSION = 3  # 2: every chunk carries a crc32c checksum; 3: storage kinds per teacher, fidelity, pca basis
 READABLE = (2, SCHEMA_VERSION)  # schema 2 caches are float16 or int8, recorded in attrs["storage"] alone
-BASIS = ("mean", "vectors", "spread")
 
 
 class FeatureCache:
@@ -136,7 +134,7 @@ class FeatureCache:
         group = zarr.open_group(store=open_store(target, read_only=False), mode="w-", zarr_format=3)
         group.attrs.update({
             "schema_version": SCHEMA_VERSION, **attrs, "shard_samples": s, "complete": False,
-            "stored": {lay.name: _stored_record(kinds[lay.name]) for lay in layouts},
+            "stored": {lay.name: stored_record(kinds[lay.name]) for lay in layouts},
             "versions": _versions(), "created_by": f"rsmtdf {__version__}",
         })
         group.create_array("ids", shape=(n,), chunks=(n,), dtype=str, compressors=small,
@@ -164,7 +162,7 @@ class FeatureCache:
                                    attributes={"meaning": meaning if part == "" else f"{kind.describe()}: its {part}s",
                                                "storage": kind.record()})
             if isinstance(kind, Pca):
-                _write_basis(group, lay.name, kind)
+                write_basis(group, lay.name, kind)
             length = len(Fidelity().vector())
             group.create_array(f"fidelity/{lay.name}", shape=(shards, length), chunks=(1, length), dtype="float64",
                                fill_value=np.nan, compressors=small, dimension_names=("shard", "statistic"),
@@ -224,11 +222,11 @@ class FeatureCache:
 
     def rewrite_basis(self, teacher: str, kind: Pca) -> None:
         """Write a damaged pca basis again, if `kind` (fitted again) has the very basis recorded."""
-        if _sha256(kind.basis()) != self.stored[teacher].get("basis_sha256"):
+        if basis_sha256(kind.basis()) != self.stored[teacher].get("basis_sha256"):
             raise RsmtdfError(f"{self.url}: the pca basis of teacher '{teacher}' is damaged and fitting it again gives "
                               f"another one (other teachers' weights, device or batch size?); extract the cache "
                               f"again into a new --output")
-        _write_basis(self.group, teacher, kind)
+        write_basis(self.group, teacher, kind)
         self._kinds = None
 
     def write_shard(self, k: int, views: np.ndarray, targets: dict[str, np.ndarray],
@@ -373,21 +371,6 @@ class FeatureCache:
     def bytes_raw(self, name: str) -> int:
         """Uncompressed bytes of a teacher's stored parts."""
         return sum(self.group[a].nbytes for a in self.part_arrays(name))
-
-
-def _stored_record(kind: Kind) -> dict:
-    """What a cache records of a teacher's kind: its record, and pca's basis by its sha256."""
-    return {**kind.record(), "basis_sha256": _sha256(kind.basis())} if isinstance(kind, Pca) else kind.record()
-
-
-def _sha256(basis: dict[str, np.ndarray]) -> str:
-    return hashlib.sha256(b"".join(np.ascontiguousarray(basis[k], "<f4").tobytes() for k in BASIS)).hexdigest()
-
-
-def _write_basis(group: zarr.Group, teacher: str, kind: Pca) -> None:
-    for name, value in kind.basis().items():  # NaN fill: a lost chunk file reads as missing, not as zeros
-        group.create_array(f"basis/{teacher}/{name}", shape=value.shape, dtype="float32", fill_value=np.nan,
-                           compressors=checksummed(ZstdCodec()), overwrite=True)[...] = value
 
 
 def _part_dims(part: str, ndim: int) -> tuple[str, ...]:

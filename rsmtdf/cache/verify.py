@@ -20,8 +20,8 @@ import numpy as np
 from tqdm import tqdm
 from zarr.core.sync import sync
 
-from .format import decode_problem, repair_command
-from .store import BASIS, FeatureCache
+from .format import BASIS, decode_problem, repair_command
+from .store import FeatureCache
 
 
 @dataclass(frozen=True)
