@@ -362,15 +362,17 @@ class FeatureCache:
     def reader(self) -> CacheReader:
         return CacheReader(self.url, [lay.name for lay in self.layouts], self.kinds, self.ids)
 
+    def _target_arrays(self, name: str) -> list[str]:
+        basis = [f"basis/{name}/{k}" for k in BASIS] if self.stored[name]["kind"] == "pca" else []
+        return self.part_arrays(name) + basis
+
     def bytes_stored(self, name: str) -> int:
         """Bytes on disk of a teacher's targets: every part, and pca's basis."""
-        arrays = self.part_arrays(name) + ([f"basis/{name}/{k}" for k in BASIS] if self.stored[name]["kind"] == "pca"
-                                           else [])
-        return sum(self.group[a].nbytes_stored() for a in arrays)
+        return sum(self.group[a].nbytes_stored() for a in self._target_arrays(name))
 
     def bytes_raw(self, name: str) -> int:
-        """Uncompressed bytes of a teacher's stored parts."""
-        return sum(self.group[a].nbytes for a in self.part_arrays(name))
+        """Uncompressed bytes of a teacher's targets: every part, and pca's basis."""
+        return sum(self.group[a].nbytes for a in self._target_arrays(name))
 
 
 def _part_dims(part: str, ndim: int) -> tuple[str, ...]:
