@@ -29,7 +29,7 @@ Teachers = opt(Optional[list[str]], "Teacher name (repeat); overrides the recipe
 Weights = opt(Optional[list[str]], "NAME=PATH of a weights file.", "--teacher-weights")
 Views = opt(Optional[int], "Views per sample (A).", "--views")
 Crop = opt(Optional[int], "View crop size in pixels.", "--crop-size")
-Storage = opt(Optional[str], "float16 or int8 (per-token scale).")
+Storage = opt(Optional[str], "float16, int8, int4 (groups), pca (¼ of float16) or auto (fewest bytes at min_cosine).")
 Device = opt(str, "auto, cpu, cuda or cuda:N (auto: this process's GPU if there is one, else cpu).")
 Checkpoint = opt(Path, "A run's best.pt or latest.pt.", "--checkpoint")
 Cache = Annotated[str, Arg(help="Cache path or URL.")]

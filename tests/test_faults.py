@@ -162,7 +162,8 @@ def test_fault_is_found_refused_and_repaired_bit_identically(pristine, tmp_path,
 
 def test_verify_and_repair_of_an_undamaged_cache_change_nothing(pristine, tmp_path):
     cache = damaged_copy(pristine, tmp_path)
-    assert "verified 3 shards (30 chunks)" in run_cli("inspect", "--verify", cache, check=True).stdout
+    # per shard: done, views, valid (2 samples × 2 views), targets (4 chunks) and the shard's fidelity row
+    assert "verified 3 shards (33 chunks)" in run_cli("inspect", "--verify", cache, check=True).stdout
     out = extract(pristine.recipe, cache, "--repair", check=True).stdout
     assert "repaired 0 damaged shards" in out and "shards done 0" in out
     assert tree_hashes(cache) == pristine.hashes

@@ -1,18 +1,23 @@
-"""How a cache stores its values: the storage kinds, the codecs and checksums of its chunks, the
-store behind a path or URL, and the one-line account of a chunk that does not decode."""
+"""How a cache stores its values: its arrays' layout and bytes (the storage kinds themselves are
+`storage`), the codecs and checksums of its chunks, the store behind a path or URL, and the
+one-line account of a chunk that does not decode."""
 
 from __future__ import annotations
 
+import hashlib
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
 import zarr.storage
-from zarr.codecs import BloscCodec, Crc32cCodec
+from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
 
 from ..io.remote import is_url, zarr_store
+from .choice import request_bytes_per_token
+from .storage import Kind, Pca
 
-STORAGES = ("float16", "int8")
 DIMS = ("sample", "view", "token", "channel")
+BASIS = ("mean", "vectors", "spread")  # pca's basis: arrays basis/<teacher>/<name>
 
 
 @dataclass(frozen=True)
@@ -24,10 +29,37 @@ class TeacherLayout:
     dim: int
 
 
-def raw_bytes_per_sample(layouts: list[TeacherLayout], views: int, storage: str) -> int:
-    """Uncompressed bytes of one sample's targets (every view, every teacher; int8 adds its scales)."""
-    per_token = (lambda dim: dim + 2) if storage == "int8" else (lambda dim: 2 * dim)
-    return views * sum(lay.tokens * per_token(lay.dim) for lay in layouts)
+def raw_bytes_per_sample(layouts: list[TeacherLayout], views: int, storage: str | Mapping[str, Kind],
+                         group_size: int = 16) -> int:
+    """Uncompressed bytes of one sample's targets (every view, every teacher, every stored part), of
+    the kinds chosen per teacher or of a request (`[teachers] storage`; auto: at most)."""
+    def per_token(lay: TeacherLayout) -> float:
+        if isinstance(storage, str):
+            return request_bytes_per_token(storage, lay.dim, group_size)
+        return storage[lay.name].bytes_per_token(lay.dim)
+
+    return int(views * sum(lay.tokens * per_token(lay) for lay in layouts))
+
+
+def part_path(part: str, teacher: str) -> str:
+    """The array holding one part of a teacher's stored targets: `teachers/<name>`, `<part>s/<name>`."""
+    return f"teachers/{teacher}" if part == "" else f"{part}s/{teacher}"
+
+
+def stored_record(kind: Kind) -> dict:
+    """What a cache records of a teacher's kind (`attrs["stored"]`): its record, pca's basis by its sha256."""
+    return {**kind.record(), "basis_sha256": basis_sha256(kind.basis())} if isinstance(kind, Pca) else kind.record()
+
+
+def basis_sha256(basis: dict[str, np.ndarray]) -> str:
+    return hashlib.sha256(b"".join(np.ascontiguousarray(basis[k], "<f4").tobytes() for k in BASIS)).hexdigest()
+
+
+def write_basis(group: zarr.Group, teacher: str, kind: Pca) -> None:
+    """pca's basis as checksummed arrays; NaN fill, so a lost chunk file reads as missing, not as zeros."""
+    for name, value in kind.basis().items():
+        group.create_array(f"basis/{teacher}/{name}", shape=value.shape, dtype="float32", fill_value=np.nan,
+                           compressors=checksummed(ZstdCodec()), overwrite=True)[...] = value
 
 
 def default_compressor() -> BloscCodec | None:
@@ -49,14 +81,6 @@ def codec_name(codec: BloscCodec | None) -> str:
         return "none"
     shuffle = getattr(codec.shuffle, "value", codec.shuffle)
     return f"{getattr(codec.cname, 'value', codec.cname)}{codec.clevel}-{shuffle}"
-
-
-def quantize_int8(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per-token symmetric int8: x ≈ q · scale, scale = max|x| / 127 over the token's channels."""
-    scale = np.abs(x).max(axis=-1, keepdims=True) / 127.0
-    scale = np.where(scale == 0, 1.0, scale).astype(np.float16)
-    q = np.clip(np.rint(x / scale.astype(np.float32)), -127, 127).astype(np.int8)
-    return q, scale[..., 0]
 
 
 def open_store(url: str, read_only: bool):

@@ -28,6 +28,7 @@ from ..transforms.scaling import BandScaling
 from ..transforms.views import ViewSpec
 from ..utils.files import ids_sha256
 from ..utils.records import Difference, differences, may_differ, show, unknown_when_none
+from .choice import StorageOptions
 
 NOT_RECORDED = "not recorded by rsmtdf 0.1 (the release before identities)"
 NO_STATISTICS = "none"  # `stats_sha256` of split lists without band_stats.json
@@ -152,7 +153,9 @@ def _scaling(record: dict | None) -> BandScaling | None:
 @dataclass(frozen=True)
 class Identity:
     """What a cache or a model was made from. A cache's `input` is its teachers' (three bands); a
-    model's `student_input` is the student's, all its bands; either is None where not recorded."""
+    model's `student_input` is the student's, all its bands; either is None where not recorded.
+    `storage` is the kind the recipe asked for (`auto` included), `storage_options` what else of
+    the request decides what is stored; the kind each teacher got is the cache's (`attrs["stored"]`)."""
 
     dataset: DatasetIdentity
     splits: SplitsIdentity
@@ -163,6 +166,8 @@ class Identity:
     input: BandScaling | None = field(default=None, metadata=unknown_when_none(NOT_RECORDED + " in checkpoints"))
     student_input: BandScaling | None = field(default=None, metadata=unknown_when_none(
         "a cache records its teachers' input only"))
+    storage_options: StorageOptions | None = field(default=None, metadata=unknown_when_none(
+        "caches made before the compact storage kinds record the storage alone (float16 or int8)"))
 
     def record(self) -> dict:
         """Plain JSON data: the keys a cache's attributes hold (`student_input` where known)."""
@@ -172,6 +177,8 @@ class Identity:
                "storage": self.storage, "input": _scaling_record(self.input)}
         if self.student_input is not None:
             out["student_input"] = self.student_input.record()
+        if self.storage_options is not None:
+            out["storage_options"] = self.storage_options.record()
         return out
 
     @classmethod
@@ -182,7 +189,8 @@ class Identity:
             return cls(DatasetIdentity.from_record(d["dataset"], source), SplitsIdentity.from_record(d["splits"]),
                        None if views is None else ViewSpec.from_attrs(views),
                        None if teachers is None else tuple(TeacherIdentity.from_record(t) for t in teachers),
-                       d.get("storage"), _scaling(d.get("input")), _scaling(d.get("student_input")))
+                       d.get("storage"), _scaling(d.get("input")), _scaling(d.get("student_input")),
+                       StorageOptions.from_record(d.get("storage_options")))
         except (KeyError, TypeError, ValueError) as exc:
             raise RsmtdfError(f"{source}: its identity record is unreadable ({type(exc).__name__}: {exc}); "
                               f"re-extract or retrain it") from None

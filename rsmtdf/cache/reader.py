@@ -4,28 +4,43 @@ Local caches whose chunks carry only the checksum are read straight from their s
 (`shardfile`, the training fast path); anything else through zarr, a batch's chunks fetched
 together through its async API (one round trip on object storage). A damaged or missing chunk
 ends in one line naming its teacher, sample and view.
+
+Targets come decoded to float32, or as stored (`as_stored`, for training): one (sample, view) of a
+teacher as one record of its kind's parts (`layout`: float16's is its (L, C) array, any other
+kind's an aligned numpy record with a field per part), so a batch of them is one buffer of bytes
+that crosses to the device in one copy and is decoded there (`decode`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import math
 import warnings
+from collections.abc import Mapping
 
 import numpy as np
+import torch
 import zarr
 from zarr.core.sync import sync as zarr_sync
 
 from ..errors import RsmtdfError
-from .format import decode_problem, has_nan, open_store, repair_hint
+from .format import decode_problem, has_nan, open_store, part_path, repair_hint
 from .shardfile import ShardFile
+from .storage import Kind, storage_kind
+
+TORCH_DTYPES = {np.dtype(np.float16): torch.float16, np.dtype(np.int8): torch.int8, np.dtype(np.uint8): torch.uint8}
 
 
 class CacheReader:
-    """Targets of (sample, view), read one chunk per teacher; opens the store lazily in each
-    process that reads (it pickles as just a URL)."""
+    """Targets of (sample, view), read one chunk per part per teacher; opens the store lazily in
+    each process that reads (it pickles as a URL and the teachers' kinds). `storage`: each
+    teacher's kind, or the name of one kind without parameters for all of them."""
 
-    def __init__(self, url: str, teachers: list[str], storage: str, ids: list[str]) -> None:
-        self.url, self.teachers, self.storage, self.ids = url, teachers, storage, ids
+    def __init__(self, url: str, teachers: list[str], storage: str | Mapping[str, Kind], ids: list[str]) -> None:
+        self.url, self.teachers, self.ids = url, teachers, ids
+        self.storage = {n: storage_kind({"kind": storage}) for n in teachers} if isinstance(storage, str) \
+            else dict(storage)
+        self._layout: dict[str, tuple[tuple[int, ...], np.dtype]] | None = None
         self._group = None
         self._arrays: dict[str, zarr.Array] = {}  # opened once per process: a group lookup costs a read's CPU
         self._files: dict[str, ShardFile | None] = {}
@@ -67,35 +82,73 @@ class CacheReader:
         return out
 
     def read(self, i: int, a: int, as_stored: bool = False) -> dict[str, np.ndarray]:
-        """Targets of sample i, view a, as float32 (`as_stored`: float16 caches' targets stay float16,
-        half the bytes to collate and copy; training widens them on the device); damaged or missing
-        chunks end in one line naming them."""
+        """Targets of sample i, view a: float32 (L, C) per teacher, or `as_stored` one record of
+        `layout` (float16's stays its (L, C) float16, half the bytes to copy; training decodes on the
+        device); damaged or missing chunks end in one line naming them."""
         return self.read_batch([(i, a)], as_stored)[0]
+
+    def _parts(self, name: str) -> list[str]:
+        return list(self.storage[name].part_names)
 
     def read_batch(self, pairs: list[tuple[int, int]], as_stored: bool = False,
                    teachers: list[str] | None = None) -> list[dict[str, np.ndarray]]:
         """`read` of each (sample, view) (of `teachers`, default all), the chunks fetched together."""
         names = self.teachers if teachers is None else teachers
-        paths = [f"teachers/{n}" for n in names] + ([f"scales/{n}" for n in names] if self.storage == "int8" else [])
-        chunks = self._fetch(paths, pairs)
+        chunks = self._fetch([part_path(p, n) for n in names for p in self._parts(n)], pairs)
         return [{name: self._target(name, i, a, chunks, as_stored) for name in names} for i, a in pairs]
 
-    def layout(self) -> dict[str, tuple[tuple[int, int], np.dtype]]:
-        """Per teacher, the (tokens, dim) and dtype of `read(..., as_stored=True)`'s targets."""
-        dtype = np.dtype(np.float16 if self.storage == "float16" else np.float32)
-        return {n: (tuple(self._array(f"teachers/{n}").shape[2:]), dtype) for n in self.teachers}
+    def layout(self) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+        """Per teacher, the shape and dtype of one (sample, view) as stored (`read(as_stored=True)`):
+        float16's ((L, C), float16); any other kind's ((), a record with a field per part, aligned so
+        that each part of a batch's bytes views as its own dtype)."""
+        if self._layout is None:
+            self._layout = {}
+            for name in self.teachers:
+                arrays = {p: self._array(part_path(p, name)) for p in self._parts(name)}
+                if list(arrays) == [""]:
+                    self._layout[name] = (tuple(arrays[""].shape[2:]), np.dtype(arrays[""].dtype))
+                else:
+                    self._layout[name] = ((), np.dtype([(_field(p), a.dtype, a.shape[2:]) for p, a in arrays.items()],
+                                                       align=True))
+        return self._layout
+
+    def records(self, name: str, raw: np.ndarray) -> np.ndarray:
+        """A batch's buffer of bytes (B, record bytes) of teacher `name`, seen as its `layout` records
+        (what `read_into` fills)."""
+        shape, dtype = self.layout()[name]
+        return raw.view(dtype).reshape(len(raw), *shape)
+
+    def record_bytes(self, name: str) -> int:
+        shape, dtype = self.layout()[name]
+        return dtype.itemsize * math.prod(shape)
+
+    def decode(self, name: str, raw: torch.Tensor) -> torch.Tensor:
+        """A batch of teacher `name`'s records as bytes (B, record bytes), on any device → its
+        targets (B, L, C) float32 there, each part viewed in place, decoded batched by the kind."""
+        shape, dtype = self.layout()[name]
+        fields = {"": (dtype, 0)} if dtype.names is None else {p: dtype.fields[_field(p)] for p in self._parts(name)}
+        parts = {}
+        for part, (sub, offset) in fields.items():
+            base, inner = (sub.subdtype or (sub, ()))
+            inner = inner or shape
+            size = base.itemsize * math.prod(inner)
+            parts[part] = raw[:, offset : offset + size].view(TORCH_DTYPES[base]).reshape(len(raw), *inner)
+        return self.storage[name].decode(parts)
 
     def read_into(self, pairs: list[tuple[int, int]], out: dict[str, np.ndarray]) -> None:
         """`read_batch(pairs, as_stored=True)` written into `out[teacher][j]` (arrays of `layout`'s
-        shapes, e.g. pinned batches): local uncompressed chunks go from the file straight there."""
-        direct = [n for n in self.teachers if self.storage != "int8" and self._direct(f"teachers/{n}")]
+        records, e.g. views of a pinned batch: `records`): local uncompressed chunks go from the file
+        straight there, part by part."""
+        direct = [n for n in self.teachers if all(self._direct(part_path(p, n)) for p in self._parts(n))]
         for name in direct:
             for j, (i, a) in enumerate(pairs):
-                try:
-                    self._files[f"teachers/{name}"].read_into((i, a, 0, 0), out[name][j][None, None])
-                except Exception as exc:  # noqa: BLE001 - judged with its chunk's name
-                    raise self._unreadable(exc, name, i, a) from None
-                self._check(out[name][j], name, i, a)
+                for part in self._parts(name):
+                    into = out[name][j] if out[name].dtype.names is None else out[name][_field(part)][j]
+                    try:
+                        self._files[part_path(part, name)].read_into((i, a) + (0,) * into.ndim, into[None, None])
+                    except Exception as exc:  # noqa: BLE001 - judged with its chunk's name
+                        raise self._unreadable(exc, name, i, a) from None
+                    self._check(into, name, i, a)
         rest = [n for n in self.teachers if n not in direct]
         for j, row in enumerate(self.read_batch(pairs, True, rest) if rest else []):
             for name in rest:
@@ -116,20 +169,28 @@ class CacheReader:
                            f"{repair_hint(self.url)}")
 
     def _check(self, x: np.ndarray, name: str, i: int, a: int) -> None:
-        if has_nan(x):
+        """Unwritten chunks read as the fill value: NaN in every floating part (integer parts read 0)."""
+        if x.dtype.kind == "f" and has_nan(x):
             raise RsmtdfError(f"{self.url}: no data for {self._where(name, i, a)} (its shard is unwritten or was "
                               f"deleted); {repair_hint(self.url)}")
 
     def _target(self, name: str, i: int, a: int, chunks: dict, as_stored: bool) -> np.ndarray:
-        parts = [chunks[f"teachers/{name}", i, a]] + ([chunks[f"scales/{name}", i, a]] if self.storage == "int8" else [])
-        for exc in (p for p in parts if isinstance(p, BaseException)):
+        parts = {p: chunks[part_path(p, name), i, a] for p in self._parts(name)}
+        for exc in (v for v in parts.values() if isinstance(v, BaseException)):
             raise self._unreadable(exc, name, i, a)
-        x = parts[0]
-        if self.storage == "int8":
-            x = x.astype(np.float32) * parts[1].astype(np.float32)[:, None]
-        if not (as_stored and x.dtype == np.float16):
-            x = x.astype(np.float32)
-        self._check(x, name, i, a)
-        return x
+        for value in parts.values():
+            self._check(value, name, i, a)
+        if not as_stored:
+            return self.storage[name].decode({p: torch.from_numpy(v) for p, v in parts.items()}).numpy()
+        shape, dtype = self.layout()[name]
+        if dtype.names is None:
+            return parts[""]
+        record = np.zeros((), dtype)
+        for p, v in parts.items():
+            record[_field(p)] = v
+        return record
 
 
+def _field(part: str) -> str:
+    """A part's field in a record (numpy names no field ""): the values are `values`."""
+    return part or "values"

@@ -37,9 +37,14 @@ class Kind:
     """One storage kind with its parameters; `encode` in numpy, `decode` in torch."""
 
     name: ClassVar[str]
+    part_names: ClassVar[tuple[str, ...]] = ("", "scale")  # the keys of `parts`, known without the shapes
 
     def record(self) -> dict:
         return {"kind": self.name}
+
+    def describe(self) -> str:
+        """The kind and its parameters in a few words, as `inspect` and refusals name it."""
+        return self.name
 
     def parts(self, tokens: int, dim: int) -> dict[str, tuple[tuple[int, ...], str]]:
         """The stored arrays of one (sample, view): part → (shape, dtype)."""
@@ -64,6 +69,7 @@ class Kind:
 @dataclass(frozen=True)
 class Float16(Kind):
     name: ClassVar[str] = "float16"
+    part_names: ClassVar[tuple[str, ...]] = ("",)
 
     def parts(self, tokens: int, dim: int) -> dict:
         return {"": ((tokens, dim), "float16")}
@@ -79,6 +85,9 @@ class Float16(Kind):
 @dataclass(frozen=True)
 class Int8(Kind):
     name: ClassVar[str] = "int8"
+
+    def describe(self) -> str:
+        return "int8 (per-token scale)"
 
     def parts(self, tokens: int, dim: int) -> dict:
         return {"": ((tokens, dim), "int8"), "scale": ((tokens,), "float16")}
@@ -100,6 +109,9 @@ class Int4(Kind):
 
     def record(self) -> dict:
         return {"kind": self.name, "group": self.group}
+
+    def describe(self) -> str:
+        return f"int4 (groups of {self.group})"
 
     def check(self, teacher: str, dim: int) -> None:
         if self.group < 2 or self.group % 2 or dim % self.group:
@@ -143,6 +155,12 @@ class Pca(Kind):
 
     def record(self) -> dict:
         return {"kind": self.name, "wide": self.wide, "narrow": self.narrow}
+
+    def describe(self) -> str:
+        return f"pca ({self.wide} coefficients in 8 bits, {self.narrow} in 4)"
+
+    def __getstate__(self) -> dict:  # pickled without the basis's device copies
+        return {**self.__dict__, "_on": {}}
 
     def parts(self, tokens: int, dim: int) -> dict:
         return {"": ((tokens, self.wide + self.narrow // 2), "uint8"), "scale": ((tokens,), "float16")}
@@ -258,15 +276,21 @@ class Fidelity:
     energy: float = 0.0
     histogram: np.ndarray = field(default_factory=lambda: np.zeros(len(COSINE_EDGES) - 1))
 
-    def add(self, full: torch.Tensor, stored: torch.Tensor) -> None:
-        """Count (..., C) tokens: `full` the targets as computed, `stored` what a reader decodes."""
-        full, stored = full.reshape(-1, full.shape[-1]).double(), stored.reshape(-1, full.shape[-1]).double()
-        cos = torch.nn.functional.cosine_similarity(full, stored, dim=-1, eps=1e-12).clamp(-1, 1).numpy()
+    def add(self, full: torch.Tensor | np.ndarray, stored: torch.Tensor | np.ndarray) -> None:
+        """Count (..., C) tokens: `full` the targets as computed, `stored` what a reader decodes. In
+        float64 numpy, whose sums do not depend on a thread count (torch's do), so a cache's record
+        is the same bits whatever machine wrote it. A token kept exactly (zeros too) has cosine 1."""
+        full, stored = (np.asarray(x.cpu() if isinstance(x, torch.Tensor) else x, np.float64) for x in (full, stored))
+        full, stored = full.reshape(-1, full.shape[-1]), stored.reshape(-1, full.shape[-1])
+        with np.errstate(invalid="ignore", over="ignore"):  # non-finite targets are the writer's to refuse
+            norms = np.sqrt((full ** 2).sum(-1)) * np.sqrt((stored ** 2).sum(-1))
+            cos = np.clip((full * stored).sum(-1) / np.maximum(norms, 1e-12), -1, 1)
+            cos[(full == stored).all(-1)] = 1.0
+            self.error += float(((full - stored) ** 2).sum())
+            self.energy += float((full ** 2).sum())
         self.tokens += len(cos)
         self.cosine_sum += float(cos.sum())
         self.cosine_min = min(self.cosine_min, float(cos.min(initial=1.0)))
-        self.error += float(((full - stored) ** 2).sum())
-        self.energy += float((full ** 2).sum())
         self.histogram += np.histogram(cos, COSINE_EDGES)[0]
 
     def __add__(self, other: Fidelity) -> Fidelity:
@@ -292,6 +316,12 @@ class Fidelity:
             return float("nan")
         at = np.searchsorted(np.cumsum(self.histogram), q / 100 * self.tokens)
         return float(COSINE_EDGES[min(at + 1, len(COSINE_EDGES) - 1)])
+
+    def line(self) -> str:
+        """The record in words, as `extract-features` and `inspect` print it."""
+        return (f"token cosine mean {self.mean_cosine:.5f}, 1st percentile {self.percentile(1):.4f}, "
+                f"min {self.cosine_min:.4f}; error energy {self.error / max(self.energy, 1e-30):.2e} "
+                f"({self.tokens} tokens)")
 
     def record(self) -> dict:
         return {"tokens": self.tokens, "mean_cosine": self.mean_cosine, "p01_cosine": self.percentile(1),

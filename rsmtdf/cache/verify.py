@@ -3,8 +3,10 @@
 Reading a chunk runs it back through its codecs, so the crc32c that ends every chunk (and every
 shard's index) is checked: a flipped bit, an overwritten chunk header or a truncated shard fails to
 decode; a deleted shard or chunk file is missing from the store. Shards are checked side by side in
-threads of the main process (a loader worker would turn each failure into a multi-line traceback).
-`extract-features --repair` drops exactly the shards found here and extracts them again.
+threads of the main process (a loader worker would turn each failure into a multi-line traceback):
+every part of every teacher's targets and each shard's fidelity row; pca's basis once.
+`extract-features --repair` drops exactly the shards found here and extracts them again (a damaged
+basis is fitted again and kept only if it is bit for bit the one recorded).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import numpy as np
 from tqdm import tqdm
 from zarr.core.sync import sync
 
-from .format import decode_problem, repair_command
+from .format import BASIS, decode_problem, repair_command
 from .store import FeatureCache
 
 
@@ -41,6 +43,7 @@ class VerifyReport:
     damage: list[Damage] = field(default_factory=list)
     unwritten: list[int] = field(default_factory=list)
     ids_damaged: str | None = None
+    basis_damaged: dict[str, str] = field(default_factory=dict)  # teacher → problem
 
     @property
     def damaged_shards(self) -> list[int]:
@@ -49,6 +52,7 @@ class VerifyReport:
     def lines(self) -> list[str]:
         """One line per damaged shard: its samples, then each damaged array and what is wrong."""
         out = [f"damaged   ids array: {self.ids_damaged}"] if self.ids_damaged else []
+        out += [f"damaged   pca basis of teacher '{t}': {why}" for t, why in self.basis_damaged.items()]
         for k in self.damaged_shards:
             parts = [d for d in self.damage if d.shard == k]
             what = "; ".join(f"{d.array}: {d.problem} ({', '.join(d.samples)})" for d in parts)
@@ -68,6 +72,7 @@ class VerifyReport:
 
     def _damage(self) -> str:
         parts = [f"{len(self.damaged_shards)} damaged shards {self.damaged_shards[:20]}"] if self.damage else []
+        parts += [f"a damaged pca basis of '{t}'" for t in self.basis_damaged]
         return " and ".join(parts + (["a damaged ids array"] if self.ids_damaged else []))
 
 
@@ -82,6 +87,10 @@ def verify_cache(cache: FeatureCache, shards: list[int] | None = None, threads: 
     except Exception as exc:  # noqa: BLE001 - any decode failure is damage
         report.ids_damaged = decode_problem(exc)
         ids = [f"#{i}" for i in range(cache.num_samples)]
+    for teacher in (t for t, rec in cache.stored.items() if rec["kind"] == "pca"):
+        for name in (f"basis/{teacher}/{k}" for k in BASIS):
+            if bad := _bad_read(lambda name=name: cache.group[name][...]):
+                report.basis_damaged.setdefault(teacher, f"{name.rsplit('/', 1)[1]}: {bad}")
     threads = threads or min(8, os.cpu_count() or 1)
     bar = tqdm(total=len(shards), unit="shard", desc=f"verify {cache.url}", disable=not progress, dynamic_ncols=True)
     try:
@@ -118,9 +127,10 @@ def _check_shard(cache: FeatureCache, ids: list[str], k: int) -> tuple[list[Dama
         if not sync(store.exists(key)):
             damage.append(Damage(k, name, all_ids, "shard file missing"))
             continue
-        if name == "views":
+        if name == "views" or name.startswith("fidelity/"):  # one chunk per shard
             chunks += 1
-            bad = _bad_read(lambda: group["views"][r.start : r.stop])
+            rows = slice(r.start, r.stop) if name == "views" else slice(k, k + 1)
+            bad = _bad_read(lambda: group[name][rows])
             if bad:
                 damage.append(Damage(k, name, all_ids, bad))
             continue

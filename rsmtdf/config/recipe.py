@@ -21,7 +21,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal, get_type_hints
 
-from ..cache.format import STORAGES
+from ..cache.storage import STORAGES
 from ..data.datasets import DATASETS
 from ..errors import RsmtdfError
 from ..models.teachers import teacher_config
@@ -74,7 +74,13 @@ class ViewsConfig:
 class TeachersConfig:
     names: tuple[str, ...] = key(("dinov2_vitb14", "clip_vitl14"), NONEMPTY_UNIQUE,
                                  doc="registry names or timm:MODEL[@SIZE][/LAYER]")
-    storage: Storage = key("float16")
+    storage: Storage = key("float16", doc="how targets are stored: float16, int8, int4 (group-wise), pca (a quarter "
+                                          "of float16) or auto (the fewest bytes meeting min_cosine)")
+    group_size: int = key(16, Rule(lambda v: v >= 2 and v % 2 == 0, "that is even and >= 2"),
+                          doc="channels sharing one int4 scale (int4, auto)")
+    min_cosine: float = key(0.0, PROBABILITY, doc="floor on each shard's mean token cosine of the stored targets "
+                            "to the full-precision ones (0 = none; auto's default 0.99)")
+    probe_samples: int = key(8, at_least(1), doc="first samples whose targets fit pca's basis and measure auto's choice")
     sizes: dict[str, int] = key({}, POSITIVE_SIZES, doc="input size per teacher [default: the teacher's own]")
 
 

@@ -9,6 +9,7 @@ from typing import Callable
 import numpy as np
 
 from ..cache.format import TeacherLayout, raw_bytes_per_sample
+from ..cache.identity import Identity
 from ..cache.store import FeatureCache
 from ..cache.verify import verify_cache
 from ..data.tilecache import sample_bytes
@@ -47,22 +48,53 @@ def format_cache(cache: FeatureCache) -> str:
         f"input     {ident.input.describe() if ident.input else 'not recorded (a cache from before records)'}",
         f"splits    {ident.splits.dir} (sha256 {ident.splits.sha256[:12]}{stats})",
         f"views     {_views_line(ident.views)}",
-        f"storage   {ident.storage}, {cache.num_shards} shards of {cache.shard_samples} samples",
+        f"storage   {_storage_line(ident)}, {cache.num_shards} shards of {cache.shard_samples} samples",
         "",
-        f"{'teacher':<16}{'model':<34}{'shape (N, A, L, C)':<26}{'dtype':<9}{'raw':>10}{'on disk':>11}{'ratio':>7}",
+        f"{'teacher':<16}{'model':<34}{'shape (N, A, L, C)':<26}{'stored':<9}{'raw':>10}{'on disk':>11}{'ratio':>7}",
     ]
     total_raw = total_disk = 0
     for t in ident.teachers:
-        arr = cache.group[f"teachers/{t.name}"]
-        raw = arr.nbytes + (cache.group[f"scales/{t.name}"].nbytes if ident.storage == "int8" else 0)
-        disk = cache.bytes_stored(t.name)
+        raw, disk = cache.bytes_raw(t.name), cache.bytes_stored(t.name)
         total_raw, total_disk = total_raw + raw, total_disk + disk
         model = f"{t.model} L{t.layer} @{t.input_size}"
-        lines.append(f"{t.name:<16}{model:<34}{str(arr.shape):<26}{ident.storage:<9}{format_bytes(raw):>10}"
+        shape = (cache.num_samples, cache.num_views, t.grid ** 2, t.dim)
+        lines.append(f"{t.name:<16}{model:<34}{str(shape):<26}{cache.stored[t.name]['kind']:<9}{format_bytes(raw):>10}"
                      f"{format_bytes(disk):>11}{raw / max(disk, 1):>6.2f}x")
     lines.append(f"{'total':<85}{format_bytes(total_raw):>10}{format_bytes(total_disk):>11}"
                  f"{total_raw / max(total_disk, 1):>6.2f}x")
-    return "\n".join(lines)
+    return "\n".join(lines + ["", *fidelity_lines(cache)])
+
+
+def _storage_line(ident: Identity) -> str:
+    """The storage request in words: its kind and the options that apply to it."""
+    o = ident.storage_options
+    if o is None:
+        return str(ident.storage)
+    said = [f"groups of {o.group_size}"] if o.group_size else []
+    said += [f"probe of {o.probe_samples} samples"] if o.probe_samples else []
+    floor = o.floor(ident.storage)
+    said += [f"floor {floor:g} on each shard's mean token cosine" + ("" if o.min_cosine else " (auto's default)")] \
+        if floor else []
+    return f"{ident.storage} ({', '.join(said)})" if said else str(ident.storage)
+
+
+def fidelity_lines(cache: FeatureCache) -> list[str]:
+    """Per teacher, the kind it is stored as and what that keeps of the full-precision targets,
+    measured when each shard was written (token cosine: mean, 1st percentile, min; the error's
+    share of the targets' energy)."""
+    written = int(cache.done_flags().sum())
+    if not cache.measured:
+        return ["fidelity  not recorded (a cache made before rsmtdf measured what its storage keeps)"]
+    if not written:
+        return ["fidelity  not measured yet (no shard written)"]
+    lines = [f"{'stored as':<16}{'kind':<44}{'token cosine: mean':>19}{'p01':>8}{'min':>8}{'error energy':>14}"]
+    for name, kind in cache.kinds.items():
+        f = cache.fidelity(name)
+        lines.append(f"{name:<16}{kind.describe():<44}{f.mean_cosine:>19.5f}{f.percentile(1):>8.4f}"
+                     f"{f.cosine_min:>8.4f}{f.error / max(f.energy, 1e-30):>14.2e}")
+    lines.append(f"          measured against the full-precision targets as each shard was written ({written} of "
+                 f"{cache.num_shards} shards)")
+    return lines
 
 
 def estimate_size(resolved: Resolved, teachers: list[Teacher], probe: int = 4) -> str:
@@ -72,7 +104,7 @@ def estimate_size(resolved: Resolved, teachers: list[Teacher], probe: int = 4) -
     ids = training_ids(resolved.dataset)
     n, storage = len(ids), recipe.teachers.storage
     per_sample_raw = raw_bytes_per_sample([TeacherLayout(t.name, t.num_tokens, t.dim) for t in teachers], spec.count,
-                                          storage)
+                                          storage, recipe.teachers.group_size)
     k = max(1, min(probe, n))
     probed = resolved.restricted([ids[int(j)] for j in np.linspace(0, n - 1, k).round()])  # spread over domains
     with tempfile.TemporaryDirectory() as tmp:

@@ -18,16 +18,19 @@ import errno
 import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from ..cache.choice import choose, fit_pca, fixed_kind
 from ..cache.format import TeacherLayout, raw_bytes_per_sample
 from ..cache.identity import Identity
+from ..cache.storage import Kind, Pca
 from ..cache.store import FeatureCache
 from ..cache.verify import verify_cache
 from ..data.datasets import SegmentationDataset
@@ -56,6 +59,8 @@ class ExtractSummary:
     missing: list[int]
     repaired: list[int] | None = None
     repaired_ids: bool = False
+    repaired_basis: list[str] = field(default_factory=list)  # teachers whose pca basis was written again
+    notes: list[str] = field(default_factory=list)  # what each teacher stores, why, and what that keeps
     empty: int = 0  # samples of this run with no valid pixel in any view (training leaves them out)
     skipped_tiles: int = 0  # tiles of the dataset's scenes without any valid pixel, never listed as samples
 
@@ -63,8 +68,10 @@ class ExtractSummary:
         rate = self.samples / self.seconds if self.seconds > 0 else 0.0
         state = "complete" if not self.missing else f"incomplete: {len(self.missing)} shards left to other workers"
         ids = "the ids array and " if self.repaired_ids else ""
+        ids += "".join(f"the pca basis of '{t}' and " for t in self.repaired_basis)
         repaired = "" if self.repaired is None else f"repaired {ids}{len(self.repaired)} damaged shards {self.repaired[:20]}; "
-        return (f"{repaired}extracted {self.samples} samples × {self.views} views in {self.seconds:.1f} s "
+        notes = "".join(f"{note}\n" for note in self.notes)  # lines before the summary: storage chosen, kept
+        return (f"{notes}{repaired}extracted {self.samples} samples × {self.views} views in {self.seconds:.1f} s "
                 f"({rate:.2f} samples/s), wrote {self.bytes_written / 1e6:.1f} MB; shards done {self.shards_done}, "
                 f"skipped {self.shards_skipped}; cache {state}"
                 + (f"; {self.empty} tiles have no valid pixels (NaN/nodata) and are left out of training"
@@ -125,7 +132,7 @@ def view_table(resolved: Resolved, teachers: list[Teacher]) -> ViewTable:
     drawn = [spec.sample(sid, *dataset.size_of(dataset.index(sid))) for sid in ids]
     views = np.stack([np.stack([v.to_array() for v in vs]) for vs in drawn])
     valid = np.stack([_valid_of(dataset, sid, vs, spec.crop_size) for sid, vs in zip(ids, drawn)])
-    identity = replace(resolved.built(teachers), storage=None)  # targets computed online: none stored
+    identity = replace(resolved.built(teachers), storage=None, storage_options=None)  # computed online: none stored
     return ViewTable(f"(no cache: views of {dataset.root})", identity, ids, views, valid)
 
 
@@ -141,7 +148,7 @@ def _valid_of(dataset: SegmentationDataset, sample_id: str, views: list, crop: i
     return valid_fraction(sample.valid, sample.image.shape[:2], views, crop)
 
 
-def auto_shard_samples(spec: ViewSpec, teachers: list[Teacher], storage: str) -> int:
+def auto_shard_samples(spec: ViewSpec, teachers: list[Teacher], storage: str | dict[str, Kind]) -> int:
     layouts = [TeacherLayout(t.name, t.num_tokens, t.dim) for t in teachers]
     per_sample = raw_bytes_per_sample(layouts, spec.count, storage)
     return max(1, int(SHARD_BYTES // per_sample))
@@ -178,26 +185,76 @@ def extract(resolved: Resolved, teachers: list[Teacher], output: str, *, shard_s
     dataset, spec, storage = resolved.dataset, resolved.recipe.view_spec(), resolved.recipe.teachers.storage
     ids = training_ids(dataset)
     layouts = [TeacherLayout(t.name, t.num_tokens, t.dim) for t in teachers]
-    shard_samples = shard_samples or auto_shard_samples(spec, teachers, storage)
-    owned = [k for k in range(-(-len(ids) // shard_samples)) if k % num_shards == shard_index]
     if repair and not FeatureCache.exists(output):
         raise RsmtdfError(f"{output}: no cache here to repair (extract it without --repair)")
+    teachers = [t.to(device) for t in teachers]
+    kinds, notes = (None, []) if FeatureCache.exists(output) else decide_storage(resolved, teachers, ids, batch_size,
+                                                                                  device)
+    shard_samples = shard_samples or min(len(ids), auto_shard_samples(spec, teachers, kinds or storage))
+    owned = [k for k in range(-(-len(ids) // shard_samples)) if k % num_shards == shard_index]
     compute = _compute(device, batch_size)
     try:
         cache = FeatureCache.create(output, ids, resolved.built(teachers),
                                     {"compute": compute, "recipe": resolved.recipe.to_toml()}, layouts, shard_samples,
-                                    wanted_in=resolved.label)
+                                    wanted_in=resolved.label, kinds=kinds)
+        owned = [k for k in range(cache.num_shards) if k % num_shards == shard_index]  # a resume: the cache's shards
         _check_compute(cache, compute)
-        repaired, repaired_ids = _drop_damaged(cache, owned, ids, progress) if repair else (None, False)
+        def refit(names: list[str]) -> dict[str, Pca]:  # the probe again, for a damaged basis
+            probe = probe_targets(resolved, teachers, ids, batch_size, device)
+            return {n: fit_pca(probe[n], n, spec.seed) for n in names}
+
+        repaired = _drop_damaged(cache, owned, ids, progress, refit) if repair else (None, False, [])
         summary = _extract_shards(cache, dataset, ids, spec, teachers, owned, batch_size, num_workers, device,
-                                  resolved.scaling.teachers(), progress)
+                                  resolved.scaling.teachers(), progress, _floor_from(resolved))
     except OSError as exc:
         if exc.errno != errno.ENOSPC:
             raise
-        raise RsmtdfError(_disk_full(output, layouts, spec.count, storage, owned, shard_samples, len(ids))) from None
-    summary.repaired, summary.repaired_ids = repaired, repaired_ids
-    summary.skipped_tiles = dataset.skipped_empty
+        raise RsmtdfError(_disk_full(output, layouts, spec.count, kinds or storage, owned, shard_samples,
+                                     len(ids))) from None
+    summary.repaired, summary.repaired_ids, summary.repaired_basis = repaired
+    summary.skipped_tiles, summary.notes = dataset.skipped_empty, notes + summary.notes
     return summary
+
+
+def decide_storage(resolved: Resolved, teachers: list[Teacher], ids: list[str], batch_size: int,
+                   device: str) -> tuple[dict[str, Kind], list[str]]:
+    """What each teacher of a new cache stores, and why (lines to print): the kind the request
+    names, or for pca and auto a decision on the targets of the first `probe_samples` samples, all
+    their views, computed as a shard's are (`cache.choice.choose`)."""
+    ident, recipe = resolved.identity, resolved.recipe
+    kind = fixed_kind(ident.storage, ident.storage_options)
+    key = "teachers.group_size" if kind is not None else "teachers.storage"
+    try:
+        if kind is not None:
+            for t in teachers:
+                kind.check(t.name, t.dim)
+            return {t.name: kind for t in teachers}, []
+        probe = probe_targets(resolved, teachers, ids, batch_size, device)
+        choices = {t.name: choose(ident.storage, ident.storage_options, t.name, probe[t.name], recipe.views.seed)
+                   for t in teachers}
+    except RsmtdfError as exc:
+        raise RsmtdfError(f"{recipe.where(key)}: {exc}") from None
+    return {n: c.kind for n, c in choices.items()}, [f"storage   {c.why}" for c in choices.values()]
+
+
+def probe_targets(resolved: Resolved, teachers: list[Teacher], ids: list[str], batch_size: int,
+                  device: str) -> dict[str, np.ndarray]:
+    """Float32 targets (n, A, L, C) of the first `[teachers] probe_samples` of `ids` and all their
+    views, rendered and run as in a shard: the same on every worker that computes them."""
+    dataset, spec = resolved.dataset, resolved.recipe.view_spec()
+    chosen = ids[: resolved.identity.storage_options.probe_samples]
+    source = ViewSource(dataset, [dataset.index(i) for i in chosen], spec, resolved.scaling.teachers())
+    items = [source[j] for j in range(len(source))]
+    if failed := next((item for item in items if isinstance(item, str)), None):
+        raise RsmtdfError(failed)
+    return run_teachers(teachers, torch.cat([item[2] for item in items]), batch_size, device, len(chosen), spec.count)
+
+
+def _floor_from(resolved: Resolved) -> str:
+    """Where the floor on the mean token cosine was set: min_cosine's source, else storage's (auto's default)."""
+    recipe = resolved.recipe
+    key = "teachers.min_cosine" if recipe.teachers.min_cosine else "teachers.storage"
+    return recipe.origins.get(key, recipe.source)
 
 
 def _compute(device: str, batch_size: int) -> dict:
@@ -220,24 +277,27 @@ def _check_compute(cache: FeatureCache, compute: dict) -> None:
                       f"or choose another --output")
 
 
-def _drop_damaged(cache: FeatureCache, owned: list[int], ids: list[str], progress: bool) -> tuple[list[int], bool]:
-    """Verify this worker's shards; rewrite damaged ids, drop damaged shards (to extract again).
-    Returns (dropped shards, whether the ids were rewritten)."""
+def _drop_damaged(cache: FeatureCache, owned: list[int], ids: list[str], progress: bool,
+                  refit: Callable[[list[str]], dict[str, Pca]]) -> tuple[list[int], bool, list[str]]:
+    """Verify this worker's shards; rewrite damaged ids, and a damaged pca basis if fitting it
+    again (`refit`) gives the one recorded; drop damaged shards (to extract again). Returns
+    (dropped shards, whether the ids were rewritten, teachers whose basis was)."""
     report = verify_cache(cache, owned, progress=progress)
     if report.ids_damaged:
         cache.rewrite_ids(ids)
+    for teacher, kind in (refit(list(report.basis_damaged)) if report.basis_damaged else {}).items():
+        cache.rewrite_basis(teacher, kind)
     for k in report.damaged_shards:
         cache.drop_shard(k)
-    return report.damaged_shards, bool(report.ids_damaged)
+    return report.damaged_shards, bool(report.ids_damaged), list(report.basis_damaged)
 
 
 def _extract_shards(cache: FeatureCache, dataset: SegmentationDataset, ids: list[str], spec: ViewSpec,
                     teachers: list[Teacher], owned: list[int], batch_size: int, num_workers: int, device: str,
-                    scaling: BandScaling, progress: bool) -> ExtractSummary:
+                    scaling: BandScaling, progress: bool, floor_from: str) -> ExtractSummary:
     done = cache.done_flags()
     todo = [k for k in owned if not done[k]]
     order = [i for k in todo for i in cache.shard_range(k)]
-    teachers = [t.to(device) for t in teachers]
 
     source = ViewSource(dataset, [dataset.index(ids[i]) for i in order], spec, scaling)
     loader = DataLoader(source, batch_size=None, num_workers=num_workers, prefetch_factor=4 if num_workers else None,
@@ -262,7 +322,7 @@ def _extract_shards(cache: FeatureCache, dataset: SegmentationDataset, ids: list
                 empty += sum(int(v.max() == 0) for v in valid)
                 if pending is not None:
                     written += pending.result()
-                pending = writer.submit(cache.write_shard, k, np.stack(params), targets, np.stack(valid))
+                pending = writer.submit(cache.write_shard, k, np.stack(params), targets, np.stack(valid), floor_from)
                 bar.set_postfix(shards=f"{todo.index(k) + 1}/{len(todo)}")
             if pending is not None:
                 written += pending.result()
@@ -271,11 +331,13 @@ def _extract_shards(cache: FeatureCache, dataset: SegmentationDataset, ids: list
     missing = cache.missing_shards()
     if not missing and not cache.attrs.get("complete"):
         cache.finalize()
+    stored = [] if missing else [f"stored    '{name}' as {kind.describe()}: {cache.fidelity(name).line()}"
+                                 for name, kind in cache.kinds.items() if cache.measured]
     return ExtractSummary(len(order), spec.count, time.perf_counter() - start, written, len(todo),
-                          len(owned) - len(todo), missing, empty=empty)
+                          len(owned) - len(todo), missing, empty=empty, notes=stored)
 
 
-def _disk_full(output: str, layouts: list[TeacherLayout], views: int, storage: str, owned: list[int],
+def _disk_full(output: str, layouts: list[TeacherLayout], views: int, storage: str | dict[str, Kind], owned: list[int],
                shard_samples: int, n: int) -> str:
     """The disk-full line: this worker's shards still to write and their size, at the compression
     measured on the shards already on disk (or uncompressed when there are none yet)."""
@@ -285,6 +347,7 @@ def _disk_full(output: str, layouts: list[TeacherLayout], views: int, storage: s
     per_sample, basis, left = raw_bytes_per_sample(layouts, views, storage), "uncompressed, an upper bound", owned
     if FeatureCache.exists(output):
         cache = FeatureCache.open(output)
+        per_sample = raw_bytes_per_sample(layouts, views, cache.kinds)
         done = cache.done_flags()
         left = [k for k in owned if not done[k]]
         written = sum(size(int(k)) for k in np.flatnonzero(done))

@@ -15,6 +15,7 @@ import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..cache.choice import StorageOptions
 from ..cache.identity import DatasetIdentity, Identity, SplitsIdentity
 from ..cache.store import FeatureCache
 from ..config.recipe import DataConfig, Recipe, StudentConfig, load_recipe, parse_sets
@@ -34,7 +35,8 @@ from .scaling import extra_band_norm, resolve_scaling
 # which recipe key each part of the identity comes from, for the refusal's "in <recipe key>"
 _KEYS = {"dataset.root": "data.root", "dataset.ids_sha256": "data.root", "dataset.name": "data.dataset",
          "dataset.classes": "data.classes", "dataset.tile_stride": "data.tile_stride", "dataset.tile": "data.tile_size",
-         "splits": "data.splits", "storage": "teachers.storage", "input": "data.scaling", "student_input": "data.scaling"}
+         "splits": "data.splits", "storage": "teachers.storage", "input": "data.scaling", "student_input": "data.scaling",
+         **{f"storage_options.{k}": f"teachers.{k}" for k in ("min_cosine", "group_size", "probe_samples")}}
 
 
 @dataclass(frozen=True)
@@ -81,8 +83,10 @@ def resolve(recipe: Recipe) -> Resolved:
     stats = band_stats(recipe)
     scaling = resolve_scaling(recipe, dtype, count, stats)
     teachers = tuple(teacher_config(n, recipe.teachers.sizes.get(n)).identity() for n in recipe.teachers.names)
+    t = recipe.teachers
     identity = Identity(DatasetIdentity.of(dataset), SplitsIdentity.of(recipe.data.splits), recipe.view_spec(),
-                        teachers, recipe.teachers.storage, scaling.teachers())
+                        teachers, t.storage, scaling.teachers(),
+                        storage_options=StorageOptions.of(t.storage, t.min_cosine, t.group_size, t.probe_samples))
     return Resolved(recipe, dataset, stats, scaling, identity)
 
 

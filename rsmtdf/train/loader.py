@@ -109,13 +109,15 @@ class ReplaySet(Dataset):
 
 
 def read_targets(reader: CacheReader, index: torch.Tensor, view: torch.Tensor, pin: bool) -> dict[str, torch.Tensor]:
-    """A batch's targets (B, tokens, dim) per teacher, as stored (float16 stays float16), read
-    straight into page-locked memory when `pin`. Read by the training process, not the loader
-    workers: at 518 px the 42 MB of a step cost the workers more to hand over than to read."""
-    out = {name: torch.from_numpy(np.empty((len(index), *shape), dtype)) for name, (shape, dtype) in reader.layout().items()}
-    if pin:
-        out = {name: torch.empty_like(t, pin_memory=True) for name, t in out.items()}
-    reader.read_into([(int(i), int(a)) for i, a in zip(index, view)], {name: t.numpy() for name, t in out.items()})
+    """A batch's targets per teacher as stored: one buffer of bytes (B, record bytes) each (float16's
+    values, a compact kind's packed parts: `CacheReader.layout`), read straight into page-locked
+    memory when `pin`; the training process copies it to the device and decodes it there
+    (`CacheReader.decode`). Read by the training process, not the loader workers: at 518 px the
+    42 MB of a step cost the workers more to hand over than to read."""
+    out = {name: torch.empty((len(index), reader.record_bytes(name)), dtype=torch.uint8, pin_memory=pin)
+           for name in reader.teachers}
+    reader.read_into([(int(i), int(a)) for i, a in zip(index, view)],
+                     {name: reader.records(name, t.numpy()) for name, t in out.items()})
     return out
 
 

@@ -42,7 +42,7 @@ from ..transforms.augment import box_masks, strong_batch
 from ..utils.launch import choose_device
 from ..utils.runtime import keep_freed_buffers
 from .loader import EpochSampler, ReplaySet, collate, one_ahead, read_targets, render_crops
-from .losses import StepInputs, step_losses, targets_for, update_ema
+from .losses import StepInputs, distill_loss, step_losses, targets_for, update_ema
 from .runlog import PICTURES, RunLog
 from .runs import check_run_dir, check_schedule, claim_run_dir, truncate_metrics
 
@@ -224,7 +224,11 @@ class Trainer:
         tr = self.recipe.train
         return tr.lr * (1 - step / self.total) ** tr.poly_power
 
-    def train_step(self, inp: StepInputs) -> dict[str, float]:
+    def train_step(self, inp: StepInputs, against: StepInputs | None = None) -> dict[str, float]:
+        """One optimiser step on `inp`; its losses. `against`: the same step's inputs with other
+        targets (another cache's, say): the distillation loss of this step's student output against
+        them is reported too (`loss_distill_against`), so that runs from two storages of the same
+        targets are measured on one yardstick."""
         tr = self.recipe.train
         with torch.no_grad():
             conf, pseudo = self.ema(inp.xw).logits.softmax(1).max(1)
@@ -239,6 +243,10 @@ class Trainer:
         losses = step_losses(out, inp.y, pseudo, conf, ignore, targets, tr.conf_thresh, tr.distill_loss)
         if not torch.isfinite(losses["loss"]):
             self._refuse_nonfinite(inp, {k.removeprefix("loss_"): v for k, v in losses.items() if k != "loss"})
+        if against is not None:
+            other = targets_for(self.mode, self.teachers, against, xs_mixed)
+            losses["loss_distill_against"] = torch.stack(
+                [distill_loss(out.translated[n], other[n], tr.distill_loss) for n in other]).mean().detach()
 
         lr = self.lr_at(self.step)
         self.optimizer.param_groups[0]["lr"] = lr
@@ -282,7 +290,7 @@ class Trainer:
             yield StepInputs(
                 crops(bl), dev(bl["mask"]).long(), xw, strong_batch(xw, dev(bu["strong"])),
                 dev(bu["mask"]), box_masks(dev(bu["box"]), xw.shape[-1]),
-                *([{k: dev(v).float() for k, v in t.items()} for t in read] if read else (None, None)),
+                *([{k: self.reader.decode(k, dev(v)) for k, v in t.items()} for t in read] if read else (None, None)),
                 bl["index"], bu["index"])
 
     def fit(self) -> dict:
