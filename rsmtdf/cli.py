@@ -193,7 +193,7 @@ def train(
 ) -> None:
     """Train the RS-MTDF student from cached teacher targets, with the cache's own recipe without -r (--set
     data.root=PATH if the data moved); a recipe whose data, views or teachers differ from the cache's is refused.
-    A run is never overwritten: --resume it, or move it aside with --overwrite."""
+    A run is never overwritten: --resume it, or move it aside with --overwrite. The paper's batch 32 + 32 on 1, 2 or 4 GPUs: --set train.global_batch=32 (accumulates 4, 2 or 1 micro-batches of 8 + 8)."""
     from .config.recipe import load_recipe
     from .train.run import train_recipe
     _at_least(0, checkpoint_every=checkpoint_every)

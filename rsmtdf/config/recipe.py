@@ -99,7 +99,11 @@ class StudentConfig:
 @dataclass(frozen=True)
 class TrainConfig:
     epochs: int = key(60, at_least(1))
-    batch_size: int = key(8, at_least(1), doc="per process")
+    batch_size: int = key(8, at_least(1), doc="labeled (and as many unlabeled) samples per micro-batch, per process")
+    accumulate: int = key(1, at_least(1), doc="micro-batches per optimiser step (gradient accumulation): the "
+                          "step's batch is batch_size × accumulate per process")
+    global_batch: int | None = key(None, at_least(1), doc="labeled samples per optimiser step over all processes "
+                                   "(the paper: 32); sets accumulate = global_batch / (batch_size × processes)")
     lr: float = key(5e-6, above(0), doc="encoder learning rate")
     head_lr_multiplier: float = key(40.0, above(0))
     weight_decay: float = key(0.01, at_least(0))

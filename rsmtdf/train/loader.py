@@ -153,3 +153,15 @@ class EpochSampler(Sampler[tuple[int, int]]):
 
     def __len__(self) -> int:
         return self.per_rank - self.start
+
+
+def whole_steps(micro: Iterator, k: int) -> Iterator[list]:
+    """The micro-batches in groups of k, one per optimiser step; a rest of fewer than k is dropped
+    (as the loaders drop a last partial batch)."""
+    group: list = []
+    for m in micro:
+        group.append(m)
+        if len(group) == k:
+            yield group
+            group = []
+

@@ -42,6 +42,13 @@ class StepInputs:
     index_u: torch.Tensor | None = None
 
 
+def mix_step(inp: StepInputs) -> tuple[torch.Tensor, torch.Tensor]:
+    """The strong unlabeled crops and their ignore masks with CutMix applied: the box's pixels come
+    from the flipped batch (the pseudo-labels are mixed alike, once computed)."""
+    mix = inp.box.bool()
+    return torch.where(mix.unsqueeze(1), inp.xs.flip(0), inp.xs), torch.where(mix, inp.ignore.flip(0), inp.ignore)
+
+
 def targets_for(mode: str, teachers: list[Teacher], inp: StepInputs, xs_mixed: torch.Tensor) -> dict[str, torch.Tensor]:
     """Distillation targets for cat(labeled, unlabeled-strong): the only place the modes differ.
 
@@ -60,20 +67,42 @@ def targets_for(mode: str, teachers: list[Teacher], inp: StepInputs, xs_mixed: t
     return out
 
 
+@dataclass(frozen=True)
+class Normalisers:
+    """What the losses of one optimiser step are divided by, over all its micro-batches, so that k
+    micro-batches of b give the gradient of one batch of k·b: the labeled pixels that are scored, the
+    unlabeled pixels that are valid (after CutMix), and the samples (every sample has as many tokens)."""
+
+    labeled: torch.Tensor
+    unlabeled: torch.Tensor
+    samples: int
+
+    @classmethod
+    def of(cls, ys: list[torch.Tensor], ignores: list[torch.Tensor]) -> Normalisers:
+        return cls(sum((y != 255).sum() for y in ys), sum((i != 255).sum() for i in ignores),
+                   sum(len(y) + len(i) for y, i in zip(ys, ignores)))
+
+
 def step_losses(out, y: torch.Tensor, pseudo: torch.Tensor, conf: torch.Tensor, ignore: torch.Tensor,
-                targets: dict[str, torch.Tensor], conf_thresh: float, kind: str) -> dict[str, torch.Tensor]:
-    """The step's losses from the student's output on cat(labeled, unlabeled-mixed): supervised CE,
-    FixMatch CE on confident pseudo-labels (over every valid pixel, as the reference normalises),
-    distillation averaged over teachers, and their mean; with the pseudo-labels' mask ratio."""
+                targets: dict[str, torch.Tensor], conf_thresh: float, kind: str,
+                norm: Normalisers | None = None) -> dict[str, torch.Tensor]:
+    """One micro-batch's share of the step's losses from the student's output on cat(labeled,
+    unlabeled-mixed): supervised CE, FixMatch CE on confident pseudo-labels (over every valid pixel,
+    as the reference normalises), distillation averaged over teachers, and their mean; with the
+    pseudo-labels' mask ratio. Divided by the step's `norm` (default: this batch's own), so the
+    shares of a step's micro-batches add up to the losses of their union."""
+    norm = norm or Normalisers.of([y], [ignore])
     logits_l, logits_u = out.logits.float().split([len(y), len(pseudo)])
-    loss_sup = F.cross_entropy(logits_l, y, ignore_index=255)
+    loss_sup = F.cross_entropy(logits_l, y, ignore_index=255, reduction="sum") / norm.labeled  # no pixel: NaN, refused
     valid = ignore != 255
     confident = (conf >= conf_thresh) & valid
-    loss_unsup = (F.cross_entropy(logits_u, pseudo, reduction="none") * confident).sum() / valid.sum().clamp(min=1)
-    losses = [distill_loss(out.translated[n], targets[n], kind) for n in targets]
+    unlabeled = norm.unlabeled.clamp(min=1)
+    loss_unsup = (F.cross_entropy(logits_u, pseudo, reduction="none") * confident).sum() / unlabeled
+    share = (len(y) + len(pseudo)) / norm.samples
+    losses = [distill_loss(out.translated[n], targets[n], kind) * share for n in targets]
     loss_distill = torch.stack(losses).mean() if losses else torch.zeros((), device=y.device)
     return {"loss": (loss_sup + loss_unsup + loss_distill) / 3, "loss_sup": loss_sup, "loss_unsup": loss_unsup,
-            "loss_distill": loss_distill, "mask_ratio": confident.float().sum() / valid.sum().clamp(min=1)}
+            "loss_distill": loss_distill, "mask_ratio": confident.float().sum() / unlabeled}
 
 
 @torch.no_grad()

@@ -16,10 +16,11 @@ import time
 from pathlib import Path
 
 from ..errors import RsmtdfError
+from ..config.recipe import TrainConfig
 from ..utils.files import write_whole
 
 RUN_FILES = ("latest.pt", "best.pt", "metrics.jsonl")
-DECISIVE = ("total", "batch_size", "processes")  # what the learning rate and the data order per step depend on
+DECISIVE = ("total", "batch_size", "processes", "accumulate")  # what the learning rate and the data order per step depend on
 
 
 def holds_run(run_dir: Path) -> bool:
@@ -93,3 +94,17 @@ def check_schedule(checkpoint: Path, step: int, old: dict, new: dict, accept: bo
                           f"{new['total']} steps")
     return (f"--new-schedule: {', '.join(changes)}; from step {step} the learning rate follows the poly "
             f"schedule of {new['total']} steps (it was {old.get('total')})")
+
+
+def micro_batches(tr: TrainConfig, world: int) -> int:
+    """Micro-batches per optimiser step: `accumulate`, or what `global_batch` asks of this many processes."""
+    if tr.global_batch is None:
+        return tr.accumulate
+    per_pass = tr.batch_size * world
+    k, rest = divmod(tr.global_batch, per_pass)
+    if rest or not k or (tr.accumulate not in (1, k)):
+        raise RsmtdfError(f"[train] global_batch = {tr.global_batch} is not batch_size {tr.batch_size} × {world} "
+                          f"process{'es' * (world > 1)} × a whole number of micro-batches"
+                          + (f" (accumulate = {tr.accumulate} asks for {tr.accumulate * per_pass})" if rest == 0 and k else ""))
+    return k
+

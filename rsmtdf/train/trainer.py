@@ -17,6 +17,7 @@ trajectory bit for bit.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -41,10 +42,10 @@ from ..pipeline.resolve import check_for_student, resolve, student_input_norm, s
 from ..transforms.augment import box_masks, strong_batch
 from ..utils.launch import choose_device
 from ..utils.runtime import keep_freed_buffers
-from .loader import EpochSampler, ReplaySet, collate, one_ahead, read_targets, render_crops
-from .losses import StepInputs, distill_loss, step_losses, targets_for, update_ema
+from .loader import EpochSampler, ReplaySet, collate, one_ahead, read_targets, render_crops, whole_steps
+from .losses import Normalisers, StepInputs, distill_loss, mix_step, step_losses, targets_for, update_ema
 from .runlog import PICTURES, RunLog
-from .runs import check_run_dir, check_schedule, claim_run_dir, truncate_metrics
+from .runs import check_run_dir, check_schedule, claim_run_dir, micro_batches, truncate_metrics
 
 MODES = ("cached", "online", "online-strong")
 
@@ -159,19 +160,19 @@ class Trainer:
         self.sets = {"l": ReplaySet(ids=(labeled * reps)[: max(len(unlabeled), len(labeled))], unlabeled=False, **common),
                      "u": ReplaySet(ids=unlabeled or labeled, unlabeled=True, **common)}
         self.samplers = {k: EpochSampler(len(s), tr.seed + (k == "u"), self.rank, self.world) for k, s in self.sets.items()}
-        self.batch = tr.batch_size
+        self.batch, self.accumulate = tr.batch_size, micro_batches(tr, self.world)
         self.loaders = self.make_loaders()
-        self.steps_per_epoch = len(self.samplers["u"]) // self.batch
+        self.steps_per_epoch = len(self.samplers["u"]) // (self.batch * self.accumulate)
         if self.steps_per_epoch == 0:
-            raise RsmtdfError(f"split '{self.split}': {len(self.sets['u'])} unlabeled samples is less than one batch "
-                              f"of {self.batch}")
+            raise RsmtdfError(f"split '{self.split}': {len(self.sets['u'])} unlabeled samples is less than one step "
+                              f"of {self.accumulate} × {self.batch}")
         self.total = tr.max_steps or tr.epochs * self.steps_per_epoch
 
     def _resume(self, new_schedule: bool) -> None:
         latest = self.run_dir / "latest.pt"
         ckpt = load_checkpoint(latest)
         check_resumable(ckpt, latest, self.identity, self.student.config, self.split)
-        old = ckpt["scheduler"].get("schedule", {"total": ckpt["scheduler"]["total"]})
+        old = {"accumulate": 1, **ckpt["scheduler"].get("schedule", {"total": ckpt["scheduler"]["total"]})}
         if note := check_schedule(latest, int(ckpt["step"]), old, self.schedule(), new_schedule):
             self.notes.append(note)
         self.load_state(ckpt)
@@ -199,7 +200,7 @@ class Trainer:
         """What the learning-rate schedule depends on; a resume must keep it (or say --new-schedule)."""
         tr = self.recipe.train
         return {"total": self.total, "epochs": tr.epochs, "max_steps": tr.max_steps, "batch_size": self.batch,
-                "processes": self.world}
+                "processes": self.world, "accumulate": self.accumulate}
 
     # -- state --
 
@@ -224,39 +225,54 @@ class Trainer:
         tr = self.recipe.train
         return tr.lr * (1 - step / self.total) ** tr.poly_power
 
-    def train_step(self, inp: StepInputs, against: StepInputs | None = None) -> dict[str, float]:
-        """One optimiser step on `inp`; its losses. `against`: the same step's inputs with other
-        targets (another cache's, say): the distillation loss of this step's student output against
-        them is reported too (`loss_distill_against`), so that runs from two storages of the same
-        targets are measured on one yardstick."""
+    def train_step(self, inp: StepInputs | list[StepInputs],
+                   against: StepInputs | list[StepInputs] | None = None) -> dict[str, float]:
+        """One optimiser step on `inp`, one batch or the `accumulate` micro-batches of one step (their
+        losses normalised over all of them, gradients synced across processes once); its losses.
+        `against`: the same inputs with other targets (another cache's, say): the distillation loss
+        of this step's student output against them is reported too (`loss_distill_against`), so that
+        runs from two storages of the same targets are measured on one yardstick."""
         tr = self.recipe.train
-        with torch.no_grad():
-            conf, pseudo = self.ema(inp.xw).logits.softmax(1).max(1)
-        mix = inp.box.bool()
-        xs_mixed = torch.where(mix.unsqueeze(1), inp.xs.flip(0), inp.xs)
-        pseudo, conf = torch.where(mix, pseudo.flip(0), pseudo), torch.where(mix, conf.flip(0), conf)
-        ignore = torch.where(mix, inp.ignore.flip(0), inp.ignore)
-        targets = targets_for(self.mode, self.teachers, inp, xs_mixed)
-
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
-            out = self.model(torch.cat([inp.x, xs_mixed]))
-        losses = step_losses(out, inp.y, pseudo, conf, ignore, targets, tr.conf_thresh, tr.distill_loss)
-        if not torch.isfinite(losses["loss"]):
-            self._refuse_nonfinite(inp, {k.removeprefix("loss_"): v for k, v in losses.items() if k != "loss"})
-        if against is not None:
-            other = targets_for(self.mode, self.teachers, against, xs_mixed)
-            losses["loss_distill_against"] = torch.stack(
-                [distill_loss(out.translated[n], other[n], tr.distill_loss) for n in other]).mean().detach()
-
+        micro = [inp] if isinstance(inp, StepInputs) else list(inp)
+        others = [against] if isinstance(against, StepInputs) else list(against or [None] * len(micro))
+        mixed = [mix_step(m) for m in micro]
+        norm = Normalisers.of([m.y for m in micro], [ignore for _, ignore in mixed])
         lr = self.lr_at(self.step)
         self.optimizer.param_groups[0]["lr"] = lr
         self.optimizer.param_groups[1]["lr"] = lr * tr.head_lr_multiplier
         self.optimizer.zero_grad(set_to_none=True)
-        losses["loss"].backward()
+        totals: dict[str, torch.Tensor] = {}
+        for i, (m, (xs_mixed, ignore), other) in enumerate(zip(micro, mixed, others)):
+            last = i == len(micro) - 1
+            with contextlib.nullcontext() if last or self.world == 1 else self.model.no_sync():
+                losses = self._micro_step(m, xs_mixed, ignore, norm, other)
+                losses["loss"].backward()
+            totals = {k: totals.get(k, 0) + v.detach() for k, v in losses.items()}
         self.optimizer.step()
         update_ema(self.ema, self.student, min(1 - 1 / (self.step + 1), tr.ema_momentum))
         self.step += 1
-        return {**{k: v.item() for k, v in losses.items()}, "lr": lr}
+        return {**{k: v.item() for k, v in totals.items()}, "lr": lr}
+
+    def _micro_step(self, inp: StepInputs, xs_mixed: torch.Tensor, ignore: torch.Tensor, norm: Normalisers,
+                    against: StepInputs | None) -> dict[str, torch.Tensor]:
+        """The forward pass of one micro-batch and its share of the step's losses."""
+        tr = self.recipe.train
+        with torch.no_grad():  # the EMA model does not change within a step
+            conf, pseudo = self.ema(inp.xw).logits.softmax(1).max(1)
+        mix = inp.box.bool()
+        pseudo, conf = torch.where(mix, pseudo.flip(0), pseudo), torch.where(mix, conf.flip(0), conf)
+        targets = targets_for(self.mode, self.teachers, inp, xs_mixed)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+            out = self.model(torch.cat([inp.x, xs_mixed]))
+        losses = step_losses(out, inp.y, pseudo, conf, ignore, targets, tr.conf_thresh, tr.distill_loss, norm)
+        if not torch.isfinite(losses["loss"]):
+            self._refuse_nonfinite(inp, {k.removeprefix("loss_"): v for k, v in losses.items() if k != "loss"})
+        if against is not None:
+            other = targets_for(self.mode, self.teachers, against, xs_mixed)
+            share = (len(inp.y) + len(inp.xw)) / norm.samples
+            losses["loss_distill_against"] = share * torch.stack(
+                [distill_loss(out.translated[n], other[n], tr.distill_loss) for n in other]).mean().detach()
+        return losses
 
     def _refuse_nonfinite(self, inp: StepInputs, parts: dict[str, torch.Tensor]) -> None:
         """A NaN or inf loss ends the run in one line naming the step and its samples; the step is
@@ -268,10 +284,10 @@ class Trainer:
                           f"{', '.join(named) or '(unknown)'}; nothing of this step was applied")
 
     def batches(self, epoch: int, start: int):
-        """The steps of `epoch` from batch `start` on, as `StepInputs` on the device: loaders, crops
-        made on the device, targets read one batch ahead."""
+        """The micro-batches of `epoch` from optimiser step `start` on, as `StepInputs` on the device:
+        loaders, crops made on the device, targets read one batch ahead."""
         for sampler in self.samplers.values():
-            sampler.epoch, sampler.start = epoch, start * self.batch
+            sampler.epoch, sampler.start = epoch, start * self.batch * self.accumulate
 
         def dev(t: torch.Tensor) -> torch.Tensor:  # from pinned memory on a GPU: the copy overlaps
             return t.to(self.device, non_blocking=True)
@@ -305,9 +321,9 @@ class Trainer:
         try:  # the error line goes after the bar, not onto it
             while self.step < self.total:
                 epoch, offset = divmod(self.step, self.steps_per_epoch)
-                for inp in self.batches(epoch, offset):
+                for micro in whole_steps(self.batches(epoch, offset), self.accumulate):
                     self.student.train()
-                    last = self.train_step(inp)
+                    last = self.train_step(micro)
                     bar.update(1)
                     bar.set_postfix(loss=f"{last['loss']:.3f}", distill=f"{last['loss_distill']:.3f}")
                     if log:
