@@ -1,7 +1,8 @@
 """One chunk of a local zarr v3 shard read straight from its file, for the cache's target arrays.
 
 Targets are stored as zarr v3 shards whose chunks carry only the `bytes` and `crc32c` codecs (the
-default since `bench codec`). Reading one (sample, view) chunk is then two reads: the shard's index
+default since `bench codec`), every part of every storage kind (float16 values, int8 and packed
+4-bit values, their float16 scales). Reading one (sample, view) chunk is then two reads: the shard's index
 at the end of the file, checked by its crc32c, and the chunk's bytes, checked by theirs. Through
 zarr's async machinery the same read costs about five times the CPU (`bench feed`), which a GPU's
 loader cores cannot spare. Arrays with any other codec, and remote stores, are read through zarr.
@@ -45,7 +46,10 @@ class ShardFile:
             return None
         sharding = codecs[0]
         plain = (BytesCodec(endian="little"), Crc32cCodec())
-        if (tuple(sharding.codecs), tuple(sharding.index_codecs)) != (plain, plain) or \
+        single = (BytesCodec(endian=None), Crc32cCodec())  # one-byte values (int8, packed uint8): no byte order
+        chunks_plain = tuple(sharding.codecs) == plain or (np.dtype(array.dtype).itemsize == 1 and
+                                                            tuple(sharding.codecs) == single)
+        if not chunks_plain or tuple(sharding.index_codecs) != plain or \
                 sharding.index_location != ShardingCodecIndexLocation.end:
             return None
         return cls(Path(array.store.root) / array.path, array, sharding)
