@@ -132,7 +132,8 @@ def test_rate_distortion_bound_by_reverse_water_filling_on_the_measured_spectrum
     text = format_stats(result)
     assert "rate–distortion bound at token cosine 0.99" in text
     assert re.search(rf"t\s+{bits / 8:.1f} B\s+{bits / 8 * GRID**2 / 1e3:.1f} kB\s+64 \([\d.]+×\)\*", text), text
-    assert result["fidelity"] == {"t": None}  # a cache from before records none
+    fidelity = result["fidelity"]["t"]  # what the cache recorded of its float16 targets, None where it records none
+    assert set(result["fidelity"]) == {"t"} and (fidelity is None or fidelity["mean_cosine"] > 0.9999)
 
 
 def test_identical_views_are_consistent_and_scrambled_ones_are_not(tmp_path: Path) -> None:

@@ -47,6 +47,7 @@ def test_report_folder_holds_page_figures_gallery_and_json(cache: FeatureCache, 
     out = tmp_path / "rep"
     page = (out / "index.html").read_text()
     figures = ["norms.png", "channels.png", "spectrum.png", "consistency.png", "agreement.png"]
+    figures += ["fidelity.png"] if any(stored_fidelity(cache).values()) else []  # caches that record it
     gallery = sorted(p.name for p in (out / "gallery").glob("*.png"))
     assert done["gallery"] == 3 * len(VIEWS) and len(gallery) == 3 * len(VIEWS) * 4  # view, 2 teachers, mask
     for name in figures + [f"gallery/{g}" for g in gallery]:
@@ -84,7 +85,8 @@ def test_report_in_headless_chromium(cache: FeatureCache, tmp_path: Path) -> Non
     seen = open_page(out / "index.html", shot)
     assert seen["errors"] == []
     expected = (out / "index.html").read_text().count("<img ")
-    assert len(seen["images"]) == expected == 5 + 2 * len(VIEWS) * 4
+    figures = 5 + any(stored_fidelity(cache).values())  # the token-cosine figure where the cache records fidelity
+    assert len(seen["images"]) == expected == figures + 2 * len(VIEWS) * 4
     assert all(width > 0 for _, width in seen["images"]), seen["images"]
     picture = Image.open(shot)
     assert picture.size[0] == 1200 and picture.size[1] > 600
@@ -119,11 +121,12 @@ def test_fidelity_figure_draws_the_share_of_tokens_below_each_cosine(tmp_path: P
 
 def test_report_draws_the_recorded_fidelity_or_says_the_cache_records_none(cache: FeatureCache, tmp_path: Path,
                                                                           monkeypatch) -> None:
+    import rsmtdf.inspect.html as report
+
+    monkeypatch.setattr(report, "stored_fidelity", lambda c: {"alpha": None, "beta": None})  # a cache from before
     _report(cache, tmp_path / "before", gallery=0)
     page = (tmp_path / "before" / "index.html").read_text()
     assert "this cache records none" in page and not (tmp_path / "before" / "fidelity.png").exists()
-    import rsmtdf.inspect.html as report
-
     monkeypatch.setattr(report, "stored_fidelity", lambda c: {"alpha": _fidelity(np.full(50, 0.995)), "beta": None})
     _report(cache, tmp_path / "after", gallery=0)
     page = (tmp_path / "after" / "index.html").read_text()
