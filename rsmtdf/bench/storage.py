@@ -133,9 +133,9 @@ def decoder(targets: dict[str, tuple[int, int, int]], storage: str, count: int, 
 
 
 def read_and_decode(x: dict[str, np.ndarray], kinds: dict[str, Kind], path: str, device: str, repeats: int) -> dict:
-    """Read and decode ms of one batch: `x` {teacher: (16 or so, L, C)} (sample, view)s stored as
-    `kinds` {teacher: kind}, written as 8 samples × 2 views in shards of 4 samples, the cache's
-    layout, then read as the reader's direct path does."""
+    """Read and decode ms of one batch: `x` {teacher: (2 · BATCH, L, C)} (sample, view)s stored as
+    `kinds` {teacher: kind}, written as BATCH samples × 2 views in shards of BATCH / 2 samples with
+    the cache's chunks and codecs, then read as the reader's direct path does."""
     group = zarr.open_group(path, mode="w", zarr_format=3)
     files, out = [], {}
     for name, tokens in x.items():
@@ -176,11 +176,11 @@ def bench_storage(ctx: Context) -> dict:
     measured = {name: fidelity(x, name.split()[0]) for name, x in sets.items()}
     vit = {n: f"{n}-like ({t}×{c})" for n, (t, c) in shapes.items()}
     paper = [TeacherLayout(n, t, c) for n, (t, c) in PAPER.items()]
+    batch = {n: sets[s][len(sets[s]) // 2:].reshape(-1, *sets[s].shape[2:])[: 2 * BATCH] for n, s in vit.items()}
     kinds: dict[str, dict] = {}
     for label, (name, group) in BENCHED.items():
         b = view_bytes(name, paper, group)
         cosines = {s: m[0][label] for s, m in measured.items() if m[0][label] is not None}
-        batch = {n: sets[s][len(sets[s]) // 2:].reshape(-1, *sets[s].shape[2:])[: 2 * BATCH] for n, s in vit.items()}
         timing = read_and_decode(batch, {n: measured[s][1][label] for n, s in vit.items()},
                                  str(ctx.workdir / "storage.zarr"), ctx.device, reps)
         met = b <= GOAL_BYTES and all(c["mean_cosine"] >= GOAL_MEAN and c["p01_cosine"] >= GOAL_P01
