@@ -266,7 +266,7 @@ def export_cmd(checkpoint: Checkpoint, fmt: opt(str, "safetensors or onnx.", "--
 
 
 @app.command("bench")
-def bench(part: Annotated[str, Arg(help="step, extract, read, size, codec, feed, predict, tiles, memory or all.")] = "all",
+def bench(part: Annotated[str, Arg(help="step, extract, read, size, codec, feed[:pca|int4|int8], predict, tiles, storage, memory, all.")] = "all",
           quick: opt(bool, "Tiny sizes for CI (about a minute on CPU).", "--quick") = False,
           full: opt(bool, "The paper's sizes (crop 518, DINOv2-S, DINOv2-B + CLIP-L).", "--full") = False,
           out: opt(Optional[Path], "Write the results as JSON here.", "--out") = None,

@@ -96,3 +96,36 @@ def test_bench_memory_quick_reports_three_steps_the_fit_and_the_accumulation_tab
     assert "3 + 3" in name and check["predicted"] * 2**30 == fixed + 3 * per
     assert check["value"] * 2**30 == res["measured"][3]["peak_bytes"]
     assert "upper bound" in res["basis"] and "| 8 | 1 + 1 |" in res["markdown"]
+
+
+def test_bench_storage_quick_bytes_cosines_bound_and_the_feed_variant(tmp_path):
+    """`bench storage` at the quick size: every kind's bytes per (tile, view) at the paper's shapes and
+    LoveDA's total against the arithmetic written out here, cosines in [0, 1], the bound below every
+    kind; and `bench feed:pca`, whose targets hold pca's bytes. No timing is judged."""
+    from rsmtdf.bench import run
+    from rsmtdf.bench.storage import BENCHED
+
+    res = run(["storage", "feed:pca"], "quick", "cpu", workdir=tmp_path, echo=lambda _: None)["parts"]
+    kinds = res["storage"]["kinds"]
+    per_token = {"float16": (768 * 2, 1024 * 2), "int8": (768 + 2, 1024 + 2), "int4 g=16": (384 + 96, 512 + 128),
+                 "int4 g=64": (384 + 24, 512 + 32), "pca": (384, 512)}
+    assert set(kinds) == set(BENCHED) == set(per_token)
+    for label, (dino, clip) in per_token.items():
+        k = kinds[label]
+        assert k["bytes_per_view"] == 1369 * dino + 256 * clip, label
+        assert k["loveda_bytes"] == 10_088 * 8 * k["bytes_per_view"]
+        assert k["cosine"] and isinstance(k["met"], bool)
+        for c in k["cosine"].values():
+            assert 0 <= c["min_cosine"] <= c["p01_cosine"] <= 1 and 0 <= c["mean_cosine"] <= 1, (label, c)
+        assert k["read_ms"] > 0 and k["decode_ms"] > 0
+    assert kinds["pca"]["bytes_per_view"] == 656_768 and kinds["float16"]["bytes_per_view"] == 4 * 656_768
+    assert set(kinds["int4 g=64"]["cosine"]) == {s for s in res["storage"]["bounds"] if "like" in s}  # 112 % 64 ≠ 0
+    for s, b in res["storage"]["bounds"].items():
+        assert b["kinds_bytes_per_token"]["pca"] == b["dim"] / 2  # the fitted basis: a quarter of float16
+        assert 0 < b["bytes_per_token"] < b["kinds_bytes_per_token"]["pca"], s
+    feed = res["feed:pca"]
+    stored = {n: tuple(v) for n, v in feed["sizes"]["stored"].items()}
+    for name, (tokens, dim, _) in feed["sizes"]["targets"].items():  # pca: (C/2 − 2) bytes of codes + a float16 scale
+        assert stored[name][:2] == (tokens, (dim // 2 - 2) // 2) and stored[f"{name}-scale"][:2] == (tokens, 1)
+    assert "targets decode (pca, device)" in feed["device_ms_per_step"]
+    assert feed["ratios"]["loader cores per GPU"]["value"] > 0

@@ -206,6 +206,43 @@ def test_inspect_table_and_estimate_within_5_percent(tiny):
     decoded = _parse_bytes(re.search(r"decoded\s+([\d.]+ \w+)", est).group(1))  # every tile decoded in memory
     want = sum(sample_bytes(ds.load(ds.index(i))) for i in ds.ids_in("train"))
     assert abs(decoded - want) / want < 0.05, (decoded, want)
+    # each storage kind at the recipe's teacher (16 tokens × 112 channels): float16 2·C, pca C/2 per token
+    assert re.search(r"float16 ← the recipe's\s+0.00 MB \(3,584 B\)\s+0.0 GB", est), est
+    assert re.search(r"pca \(a quarter of float16\)\s+0.00 MB \(896 B\)", est), est
+    assert "step      not predicted" in est and "student's patch 14 does not divide" in est, est  # 64 px
+    at_crop = run_cli("inspect", "--estimate", "-r", recipe, "--probe", "1", "--set",
+                      "teachers.sizes={ effnet_lite0 = 56 }", check=True).stdout  # 56 px: a step the student trains
+    assert re.search(r"pca \(a quarter of float16\)\s+0.00 MB \(\d+ B\)\s+0.0 GB\s+[\d.]+ GB/s", at_crop), at_crop
+    assert re.search(r"step\s+[\d.]+ ms per GPU \(predicted: [\d.]+ TFLOP at 30%", at_crop), at_crop
+
+
+def test_estimate_per_kind_at_the_paper_shapes_for_loveda():
+    """`inspect --estimate`'s lines per storage kind for LoveDA's recipe (DINOv2-B@518 1369×768 +
+    CLIP-L@224 256×1024 per (tile, view), 10,088 training tiles × 8 views) and the reads per GPU at
+    the step predicted for its student (`inspect.step`, shared with `bench feed`: 7.32 TFLOP, 24.7 ms
+    at 30 % of the H200's bf16 peak), each against the arithmetic written out here."""
+    from rsmtdf.cache.format import TeacherLayout
+    from rsmtdf.inspect.compact import storage_estimate
+    from rsmtdf.inspect.step import StepModel
+    from rsmtdf.models.student import TeacherSlot
+
+    recipe = load_recipe(ROOT / "pipeline" / "loveda.toml")
+    slots = [TeacherSlot("dinov2_vitb14", 768, 37, 518), TeacherSlot("clip_vitl14", 1024, 16, 224)]
+    step = StepModel.of_recipe(recipe, 7, slots).predicted()
+    assert step["step_s"] == pytest.approx(0.0247, rel=0.01) and step["flops"] == pytest.approx(7.32e12, rel=0.01)
+    layouts = [TeacherLayout("dinov2_vitb14", 1369, 768), TeacherLayout("clip_vitl14", 256, 1024)]
+    text = "\n".join(storage_estimate(layouts, recipe.views.count, 10_088, recipe.teachers.storage, 16, step,
+                                     recipe.train.batch_size))
+    want = {"float16 ← the recipe's": (1369 * 768 * 2 + 256 * 1024 * 2, "2.63 MB", "212.0 GB"),
+            "int8 (per-token scale)": (1369 * (768 + 2) + 256 * (1024 + 2), "1.32 MB", "106.3 GB"),
+            "int4 (groups of 16)": (1369 * (384 + 96) + 256 * (512 + 128), "0.82 MB", "66.3 GB"),
+            "pca (a quarter of float16)": (1369 * 384 + 256 * 512, "0.66 MB", "53.0 GB")}
+    for label, (b, mb, gb) in want.items():
+        line = next(t for t in text.splitlines() if t.strip().startswith(label))
+        assert f"{mb} ({b:,} B)" in line and gb in line and f"{10_088 * 8 * b / 1e9:.1f} GB" in line, line
+        assert f"{2 * 8 * b / step['step_s'] / 1e9:.2f} GB/s" in line, line  # 8 + 8 (tile, view)s per step
+    assert want["pca (a quarter of float16)"][0] == 656_768 <= 660_000
+    assert "24.7 ms per GPU" in text and "16 (tile, view) targets read per step" in text
 
 
 def test_inspect_reports_missing_shards(tiny):

@@ -5,6 +5,7 @@ views are shuffled; rank-k features need k components; the CLI's table, JSON and
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 from unittest import mock
@@ -12,6 +13,7 @@ from unittest import mock
 import numpy as np
 import pytest
 import zarr
+from scipy import optimize
 from conftest import hand_identity, run_cli, write_recipe
 from PIL import Image
 from test_errors import error_line
@@ -20,7 +22,7 @@ from rsmtdf.cache import FeatureCache
 from rsmtdf.cache.format import TeacherLayout
 from rsmtdf.data.classes import ClassTable
 from rsmtdf.data.datasets import open_dataset
-from rsmtdf.inspect.stats import FP16_MAX, compute_stats, default_output, linear_cka
+from rsmtdf.inspect.stats import FP16_MAX, compute_stats, default_output, format_stats, linear_cka
 from rsmtdf.data.splits import make_splits
 from rsmtdf.transforms.views import View
 
@@ -106,6 +108,32 @@ def test_rank_k_features_need_k_components(tmp_path: Path, k: int) -> None:
     spectrum = stats_of(make_cache(tmp_path, {"t": x}, [View(1.0, 0, 0), View(1.0, 0, 0)]))["features"]["t"]["spectrum"]
     assert spectrum["components"]["0.999"] == k
     assert spectrum["components"]["0.9"] <= k and spectrum["explained"][k - 1] > 0.999
+
+
+def test_rate_distortion_bound_by_reverse_water_filling_on_the_measured_spectrum(tmp_path: Path) -> None:
+    """The bound at the default floor 0.99 (no floor recorded): the stored tokens' covariance
+    eigenvalues water-filled at D = (1 − 0.99²) · E|x|² of the raw tokens, their mean included;
+    beside it each kind's bytes per token, the cache's own (float16) marked."""
+    rng = np.random.default_rng(5)
+    scale = np.linspace(3.0, 0.1, 32)
+    x = (rng.normal(size=(4, 2, GRID**2, 32)) * scale + 2.0).astype(np.float32)  # an offset: the mean counts in E|x|²
+    result = stats_of(make_cache(tmp_path, {"t": x}, [View(1.0, 0, 0), View(1.0, 0, 0)]))
+    tokens = x.astype(np.float16).astype(np.float64).reshape(-1, 32)
+    values = np.linalg.eigvalsh(np.cov(tokens, rowvar=False, bias=True))
+    distortion = (1 - 0.99**2) * (tokens**2).sum(axis=1).mean()
+    theta = optimize.brentq(lambda t: np.minimum(t, values).sum() - distortion, 1e-12, values.max())
+    bits = 0.5 * np.log2(np.maximum(values / theta, 1)).sum()
+    b = result["rate_bound"]
+    t = b["teachers"]["t"]
+    assert b["cosine"] == 0.99 and b["group_size"] == 16 and t["stored"] == "float16"
+    assert t["bits_per_token"] == pytest.approx(bits, rel=1e-6) and t["bytes_per_token"] == pytest.approx(bits / 8)
+    assert t["bytes_per_view"] == pytest.approx(bits / 8 * GRID**2)
+    assert t["kinds"] == {"float16": 64, "int8": 34, "int4": 16 + 4, "pca": 16}
+    text = format_stats(result)
+    assert "rate–distortion bound at token cosine 0.99" in text
+    assert re.search(rf"t\s+{bits / 8:.1f} B\s+{bits / 8 * GRID**2 / 1e3:.1f} kB\s+64 \([\d.]+×\)\*", text), text
+    fidelity = result["fidelity"]["t"]  # what the cache recorded of its float16 targets, None where it records none
+    assert set(result["fidelity"]) == {"t"} and (fidelity is None or fidelity["mean_cosine"] > 0.9999)
 
 
 def test_identical_views_are_consistent_and_scrambled_ones_are_not(tmp_path: Path) -> None:

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import torch
 from conftest import run_cli
 from headless import find_browser, open_page
 from PIL import Image
@@ -15,7 +17,9 @@ from test_errors import error_line, tree_hashes
 from test_inspect_stats import CLASSES, GRID, make_cache
 
 from rsmtdf.cache import FeatureCache
+from rsmtdf.cache.storage import COSINE_EDGES, Fidelity
 from rsmtdf.data.datasets import open_dataset
+from rsmtdf.inspect.compact import fidelity_figure, share_below, stored_fidelity
 from rsmtdf.inspect.html import write_report
 from rsmtdf.transforms.views import View
 
@@ -43,6 +47,7 @@ def test_report_folder_holds_page_figures_gallery_and_json(cache: FeatureCache, 
     out = tmp_path / "rep"
     page = (out / "index.html").read_text()
     figures = ["norms.png", "channels.png", "spectrum.png", "consistency.png", "agreement.png"]
+    figures += ["fidelity.png"] if any(stored_fidelity(cache).values()) else []  # caches that record it
     gallery = sorted(p.name for p in (out / "gallery").glob("*.png"))
     assert done["gallery"] == 3 * len(VIEWS) and len(gallery) == 3 * len(VIEWS) * 4  # view, 2 teachers, mask
     for name in figures + [f"gallery/{g}" for g in gallery]:
@@ -80,7 +85,8 @@ def test_report_in_headless_chromium(cache: FeatureCache, tmp_path: Path) -> Non
     seen = open_page(out / "index.html", shot)
     assert seen["errors"] == []
     expected = (out / "index.html").read_text().count("<img ")
-    assert len(seen["images"]) == expected == 5 + 2 * len(VIEWS) * 4
+    figures = 5 + any(stored_fidelity(cache).values())  # the token-cosine figure where the cache records fidelity
+    assert len(seen["images"]) == expected == figures + 2 * len(VIEWS) * 4
     assert all(width > 0 for _, width in seen["images"]), seen["images"]
     picture = Image.open(shot)
     assert picture.size[0] == 1200 and picture.size[1] > 600
@@ -89,3 +95,52 @@ def test_report_in_headless_chromium(cache: FeatureCache, tmp_path: Path) -> Non
     (out / "gallery" / "s0_v0_t0.png").unlink()  # the same check sees a missing picture
     seen = open_page(out / "index.html", shot)
     assert dict(seen["images"])["gallery/s0_v0_t0.png"] == 0 and any("s0_v0_t0.png" in e for e in seen["errors"])
+
+
+def _fidelity(cosines: np.ndarray) -> Fidelity:
+    """A Fidelity of tokens whose stored vectors make exactly `cosines` with the full ones."""
+    full = np.zeros((len(cosines), 4))
+    full[:, 0] = 1.0
+    stored = np.stack([cosines, np.sqrt(1 - cosines**2), np.zeros_like(cosines), np.zeros_like(cosines)], axis=1)
+    f = Fidelity()
+    f.add(torch.from_numpy(full), torch.from_numpy(stored))
+    return f
+
+
+def test_fidelity_figure_draws_the_share_of_tokens_below_each_cosine(tmp_path: Path) -> None:
+    """The curve is the share of tokens below each bin edge, counted directly here; the figure is a PNG."""
+    cosines = np.concatenate([np.random.default_rng(0).uniform(0.9, 1.0, 2000), [0.5, 0.97, 1.0]])
+    f = _fidelity(cosines)
+    edges, share = share_below(f)
+    direct = (cosines[None, :] < edges[:, None] - 1e-12).mean(axis=1)
+    np.testing.assert_allclose(share, direct, atol=1.5 / len(cosines))
+    assert share[0] == 0 and share[-1] == pytest.approx((cosines < COSINE_EDGES[-2]).mean(), abs=1 / len(cosines))
+    png = fidelity_figure({"alpha": f, "beta": _fidelity(np.ones(10))}, tmp_path / "fidelity.png", 0.99)
+    assert Image.open(png).size[0] > 100
+
+
+def test_report_draws_the_recorded_fidelity_or_says_the_cache_records_none(cache: FeatureCache, tmp_path: Path,
+                                                                          monkeypatch) -> None:
+    import rsmtdf.inspect.html as report
+
+    monkeypatch.setattr(report, "stored_fidelity", lambda c: {"alpha": None, "beta": None})  # a cache from before
+    _report(cache, tmp_path / "before", gallery=0)
+    page = (tmp_path / "before" / "index.html").read_text()
+    assert "this cache records none" in page and not (tmp_path / "before" / "fidelity.png").exists()
+    monkeypatch.setattr(report, "stored_fidelity", lambda c: {"alpha": _fidelity(np.full(50, 0.995)), "beta": None})
+    _report(cache, tmp_path / "after", gallery=0)
+    page = (tmp_path / "after" / "index.html").read_text()
+    assert 'src="fidelity.png"' in page and "records none" not in page
+    assert Image.open(tmp_path / "after" / "fidelity.png").size[0] > 100
+
+
+def test_stored_fidelity_is_what_the_cache_records_or_none() -> None:
+    """A cache with `fidelity(name)` and the `fidelity/<name>` array gives its Fidelity; one from
+    before (no such method or array) or with nothing measured yet gives None."""
+    teachers = [SimpleNamespace(name=n) for n in ("a", "b", "c")]
+    recorded = {"a": _fidelity(np.full(5, 0.99)), "c": Fidelity()}
+    new = SimpleNamespace(identity=SimpleNamespace(teachers=teachers), group={"fidelity/a", "fidelity/c"},
+                          fidelity=recorded.get)
+    assert stored_fidelity(new) == {"a": recorded["a"], "b": None, "c": None}
+    old = SimpleNamespace(identity=SimpleNamespace(teachers=teachers), group={"fidelity/a"})
+    assert stored_fidelity(old) == {"a": None, "b": None, "c": None}

@@ -46,8 +46,10 @@ def candidates(quick: bool = False) -> dict[str, BloscCodec | None]:
     return {k: out[k] for k in ("none", "lz45-noshuffle", "zstd3-bitshuffle")} if quick else out
 
 
-def _real_features(ctx: Context) -> tuple[dict[str, np.ndarray], str]:
-    """(N, A, L, C) float16 features of two real-weight EfficientNet-Lite teachers."""
+def real_features(ctx: Context) -> tuple[dict[str, np.ndarray], str]:
+    """(N, A, L, C) float32 features of two real-weight EfficientNet-Lite teachers (Lite0 at 224,
+    Lite1 at 240 px) over the `size_views` views of every training tile of the real LoveDA sample
+    (generated scenes where it is absent), and where they come from."""
     s = ctx.sizes
     if LOVEDA_SAMPLE.is_dir():
         ds, source = open_dataset("loveda", LOVEDA_SAMPLE), f"real LoveDA sample ({LOVEDA_SAMPLE})"
@@ -62,7 +64,7 @@ def _real_features(ctx: Context) -> tuple[dict[str, np.ndarray], str]:
         src = ViewSource(ds, [ds.index(i) for i in ids], spec)
         crops = torch.cat([src[j][2] for j in range(len(ids))])
         f = run_teachers([teacher], crops, 8, ctx.device, len(ids), s.size_views)[teacher.name]
-        out[f"{name} (real weights)"] = f.astype(np.float16)
+        out[f"{name} (real weights)"] = f.astype(np.float32)
     return out, source
 
 
@@ -102,8 +104,8 @@ def bench_codec(ctx: Context) -> dict:
     speed against the fastest candidate's."""
     codecs = candidates(quick=ctx.sizes.name == "quick")
     with intra_op_threads(1):
-        real, source = _real_features(ctx)
-        sets = {**real, **_random_features(ctx)}
+        real, source = real_features(ctx)
+        sets = {**{k: v.astype(np.float16) for k, v in real.items()}, **_random_features(ctx)}
         table: dict[str, dict[str, dict]] = {}
         for fname, x in sets.items():
             table[fname] = {c: measure(x, codec, str(ctx.workdir / "codec.zarr")) for c, codec in codecs.items()}

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 
 from ..config.recipe import Recipe, load_recipe
@@ -22,6 +23,7 @@ from ..models.teachers import Teacher, teacher_config
 from ..pipeline.extract import extract
 from ..pipeline.resolve import resolve
 from ..train.trainer import Trainer
+from ..utils.runtime import intra_op_threads
 
 LOVEDA_SAMPLE = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "loveda-sample"
 
@@ -91,6 +93,18 @@ def interleaved_times(fns: dict[str, Callable[[], object]], repeats: int = 3, wa
             _sync()
             times[k].append(time.perf_counter() - t0)
     return {k: {"median_s": statistics.median(v), "times_s": v} for k, v in times.items()}
+
+
+def cpu_ms(fn: Callable[[], object], repeats: int) -> float:
+    """Median CPU milliseconds of `fn()` on one intra-op thread, as a loader worker runs it."""
+    with intra_op_threads(1):
+        fn()  # warm-up: page cache, lazy opens, allocator
+        times = []
+        for _ in range(repeats):
+            t0 = time.process_time()
+            fn()
+            times.append(time.process_time() - t0)
+    return 1e3 * float(np.median(times))
 
 
 def _cpu_ticks(pids: list[int]) -> int:

@@ -31,7 +31,8 @@ with 1, 2 and 4 workers per loader, targets read one batch ahead in this process
 steps/s and its CPU per step, workers and this process together: the parts' sum leaves out the
 hand-over between processes. The model's step (the student's forward and backward on 16 crops, the EMA forward on 8,
 the AdamW step) is measured on a GPU under bf16 autocast; without one it is predicted from its FLOP
-count (counted on the meta device) at `MFU` of the H200's dense bf16 peak.
+count (counted on the meta device) at `MFU` of the H200's dense bf16 peak (`inspect.step`, which
+`inspect --estimate` shares).
 Verdict: loader cores one GPU needs to never wait = the data path's measured CPU seconds per step
 (the most of the three worker counts) / model step seconds (goal ≤ 4).
 """
@@ -55,17 +56,17 @@ from ..cache.reader import CacheReader
 from ..config.recipe import load_recipe
 from ..data.batch import Batch
 from ..data.tilecache import DecodedTiles
-from ..models.student import Student, TeacherSlot
+from ..inspect.step import StepModel, model_work
+from ..models.student import TeacherSlot
 from ..train.loader import EpochSampler, ReplaySet, collate, loader_pixels, one_ahead, read_targets, render_crops, sample_rng
 from ..transforms.augment import box_masks, cutmix_box, draw_box, draw_strong, strong_augment, strong_batch
 from ..transforms.pixels import to_unit_rgb
 from ..transforms.scaling import BandScaling
 from ..transforms.views import View, ViewSpec, apply_view, resize_and_crop
-from ..utils.runtime import intra_op_threads, keep_freed_buffers
-from .common import Context, generated_dataset
+from ..utils.runtime import keep_freed_buffers
+from .common import Context, cpu_ms, generated_dataset
+from .storage import decoder, stand_in
 
-H200_BF16_DENSE_FLOPS = 989e12  # H100/H200 SXM dense bf16 peak (NVIDIA's datasheet figure, no sparsity)
-MFU = 0.30  # a small ViT (384-wide matmuls) + DPT head under autocast reaches about a third of peak
 PCIE_BYTES_PER_S = 50e9  # PCIe 5.0 x16 host→device from pinned memory, as measured in practice (64 GB/s raw)
 BEFORE_CODEC = BloscCodec(cname="zstd", clevel=3, shuffle="bitshuffle")  # the default until this benchmark
 
@@ -78,18 +79,6 @@ FEED_SIZES = {  # `quick` for CI; every other size runs the paper's, which is th
               "targets": {"dinov2_vitb14": (1369, 768, 518), "clip_vitl14": (256, 1024, 224)},
               "student": {"encoder": "vit_small_patch14_dinov2", "kwargs": {}, "translator_hidden": 1024}},
 }
-
-
-def _cpu_ms(fn: Callable[[], object], repeats: int) -> float:
-    """Median CPU milliseconds of `fn()` on one intra-op thread, as a loader worker runs it."""
-    with intra_op_threads(1):
-        fn()  # warm-up: page cache, lazy opens, allocator
-        times = []
-        for _ in range(repeats):
-            t0 = time.process_time()
-            fn()
-            times.append(time.process_time() - t0)
-    return 1e3 * float(np.median(times))
 
 
 def _targets_store(path: Path, n: int, a: int, shapes: dict[str, tuple[int, int, int]], codec, shard: int) -> str:
@@ -105,48 +94,25 @@ def _targets_store(path: Path, n: int, a: int, shapes: dict[str, tuple[int, int,
     return str(path)
 
 
-def _models(f: dict, crop: int, device: str | torch.device) -> tuple[torch.nn.Module, torch.nn.Module]:
-    """The student (DINOv2-S/14 + the recipe's DPT head, translators, projections) and its EMA
-    twin at the feed sizes, random weights, on `device` ("meta": no memory, for counting)."""
+def _step_model(f: dict, crop: int, batch: int) -> StepModel:
+    """The student (DINOv2-S/14 + the recipe's DPT head, translators, projections) at the feed sizes."""
     st = load_recipe(None).student
     slots = [TeacherSlot(n, d, int(round(t ** 0.5)), size) for n, (t, d, size) in f["targets"].items()]
-    with torch.device(device):
-        student = Student(f["student"]["encoder"], 7, crop, slots, st.decoder, st.fusion_weights,
-                          f["student"]["translator_hidden"], pretrained=None, **f["student"]["kwargs"])
-        ema = Student.from_config(student.config).requires_grad_(False)
-    return student, ema
-
-
-def _model_work(student: torch.nn.Module, ema: torch.nn.Module, x: torch.Tensor, batch: int) -> None:
-    """The cached step's model work: EMA forward on the unlabeled batch, student forward and
-    backward on both."""
-    with torch.no_grad():
-        ema(x[:batch])
-    out = student(x)
-    (out.logits.float().mean() + sum(v.float().mean() for v in out.translated.values())).backward()
-
-
-def _model_flops(f: dict, crop: int, batch: int) -> int:
-    """FLOPs of `_model_work` at (crop, batch + batch), counted on the meta device."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    student, ema = _models(f, crop, "meta")
-    with FlopCounterMode(display=False) as counter:
-        _model_work(student, ema, torch.zeros(2 * batch, 3, crop, crop, device="meta"), batch)
-    return int(counter.get_total_flops())
+    return StepModel(f["student"]["encoder"], 7, crop, batch, tuple(slots), st.decoder, tuple(st.fusion_weights),
+                     f["student"]["translator_hidden"], f["student"]["kwargs"])
 
 
 def _model_step(f: dict, crop: int, batch: int, device: str, measure: bool, repeats: int = 10) -> dict:
-    """The model step: with `measure` (a GPU), `_model_work` under bf16 autocast plus the AdamW
-    step, timed (median of `repeats` after 3 warm-ups); otherwise predicted from its FLOPs at
-    `MFU` of the H200's peak."""
-    flops = _model_flops(f, crop, batch)
+    """The model step: with `measure` (a GPU), `model_work` under bf16 autocast plus the AdamW
+    step, timed (median of `repeats` after 3 warm-ups); otherwise predicted from its FLOPs
+    (`inspect.step.StepModel.predicted`: `MFU` of the H200's peak)."""
+    model = _step_model(f, crop, batch)
+    predicted = model.predicted()
     if not measure:
-        return {"flops": flops, "step_s": flops / (H200_BF16_DENSE_FLOPS * MFU), "measured": False,
-                "basis": f"predicted: {flops / 1e12:.2f} TFLOP at {MFU:.0%} of the H200's "
-                         f"{H200_BF16_DENSE_FLOPS / 1e12:.0f} TFLOP/s dense bf16"}
+        return predicted
+    flops = predicted["flops"]
     dev = torch.device(device)
-    student, ema = _models(f, crop, dev)
+    student, ema = model.models(dev)
     optimizer = torch.optim.AdamW(student.parameters(), lr=1e-6)
     x = torch.rand(2 * batch, 3, crop, crop, device=dev)
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
@@ -155,7 +121,7 @@ def _model_step(f: dict, crop: int, batch: int, device: str, measure: bool, repe
         sync()
         t0 = time.perf_counter()
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
-            _model_work(student, ema, x, batch)
+            model_work(student, ema, x, batch)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         sync()
@@ -168,9 +134,12 @@ def _model_step(f: dict, crop: int, batch: int, device: str, measure: bool, repe
                      f"{flops / step / 1e12:.0f} TFLOP/s"}
 
 
-def bench_feed(ctx: Context) -> dict:
-    """CPU ms per step of each data-path part (before and after), loader steps/s, and the verdict."""
+def bench_feed(ctx: Context, storage: str = "float16") -> dict:
+    """CPU ms per step of each data-path part (before and after), loader steps/s, and the verdict;
+    with another `storage` than float16 (`bench feed:pca`), the targets hold that kind's bytes
+    (`storage.stand_in`) and their decode is timed as device work."""
     f = FEED_SIZES["quick" if ctx.sizes.name == "quick" else "paper"]
+    stored = f["targets"] if storage == "float16" else stand_in(f["targets"], storage)
     crop, batch, reps = f["crop"], f["batch"], f["repeats"]
     root = ctx.workdir / "feed"
     ds, _ = generated_dataset(root, f["scenes"], f["scene"])
@@ -180,9 +149,9 @@ def bench_feed(ctx: Context) -> dict:
     views = np.stack([np.stack([v.to_array() for v in spec.sample(sid, *ds.load(ds.index(sid)).image.shape[:2])])
                       for sid in ids])
     shard = max(1, n // 2)
-    stores = {"before": _targets_store(root / "before.zarr", n, a, f["targets"], BEFORE_CODEC, shard),
-              "after": _targets_store(root / "after.zarr", n, a, f["targets"], default_compressor(), shard)}
-    readers = {k: CacheReader(url, list(f["targets"]), "float16", ids) for k, url in stores.items()}
+    stores = {"before": _targets_store(root / "before.zarr", n, a, stored, BEFORE_CODEC, shard),
+              "after": _targets_store(root / "after.zarr", n, a, stored, default_compressor(), shard)}
+    readers = {k: CacheReader(url, list(stored), "float16", ids) for k, url in stores.items()}
     step = [(j % n, (j // n) % a) for j in range(2 * batch)]  # the step's (sample, view) pairs: 8 + 8
     index = [ds.index(ids[i]) for i, _ in step]
     samples = [ds.load(k) for k in index]
@@ -282,15 +251,17 @@ def bench_feed(ctx: Context) -> dict:
     runs = {"decode": (decode, decode_kept), "views (worker)": (render_whole, render_window),
             "strong+cutmix (worker)": (strong_before, strong_after),
             "cache reads": (reads("before"), reads("after")), "collate": (collating("before"), collating("after"))}
-    parts = {k: {"before": _cpu_ms(before, reps)} for k, (before, _) in runs.items()}
+    parts = {k: {"before": cpu_ms(before, reps)} for k, (before, _) in runs.items()}
     keep_freed_buffers()  # from here on this process allocates as loader workers now do
     for k, (_, after) in runs.items():
-        parts[k]["after"] = _cpu_ms(after, reps)
+        parts[k]["after"] = cpu_ms(after, reps)
     parts["pin (host memcpy)"] = {w: copy[w]["pin_ms"] for w in ("before", "after")}
     loader = {w: sum(p[w] for p in parts.values()) / 1e3 for w in ("before", "after")}
-    device_ms = {"views (device: scaling + resampling)": _cpu_ms(render_device, reps),
-                 "strong+cutmix (device, batched)": _cpu_ms(strong_device, reps),
+    device_ms = {"views (device: scaling + resampling)": cpu_ms(render_device, reps),
+                 "strong+cutmix (device, batched)": cpu_ms(strong_device, reps),
                  "host→device transfer": copy["after"]["transfer_ms"]}
+    if storage != "float16":
+        device_ms[f"targets decode ({storage}, device)"] = cpu_ms(decoder(f["targets"], storage, 2 * batch, "cpu"), reps)
 
     gpu = _model_step(f, crop, batch, ctx.device, measure=torch.device(ctx.device).type == "cuda")
     pin = torch.device(ctx.device).type == "cuda"
@@ -302,7 +273,8 @@ def bench_feed(ctx: Context) -> dict:
         (0.0 if pin else parts["pin (host memcpy)"]["after"] / 1e3)
     cores = {w: loader[w] / gpu["step_s"] for w in loader} | {"measured": measured / gpu["step_s"]}
     return {"sizes": {"crop": crop, "batch": f"{batch} + {batch}", "tiles": n, "scene": f["scene"],
-                      "targets": {k: list(v) for k, v in f["targets"].items()}, "codec_after": codec_name(default_compressor()),
+                      "targets": {k: list(v) for k, v in f["targets"].items()}, "storage": storage,
+                      "stored": {k: list(v) for k, v in stored.items()}, "codec_after": codec_name(default_compressor()),
                       "codec_before": "zstd3-bitshuffle"},
             "cpu_ms_per_step": parts, "device_ms_per_step": device_ms, "loader_cpu_s_per_step": loader,
             "bytes_per_step": nbytes, "model": gpu, "loaders": throughput,
@@ -333,7 +305,7 @@ def _copy_ms(collated: dict, repeats: int, device: str) -> dict:
         nbytes = sum(t.numel() * t.element_size() for t in tensors)
         if torch.device(device).type == "cuda":
             pinned = [t.pin_memory() for t in tensors]
-            pin = _cpu_ms(lambda: [t.pin_memory() for t in tensors], repeats)
+            pin = cpu_ms(lambda: [t.pin_memory() for t in tensors], repeats)
 
             def transfer():
                 for t in pinned:
@@ -346,7 +318,7 @@ def _copy_ms(collated: dict, repeats: int, device: str) -> dict:
             out[w] = {"pin_ms": pin, "transfer_ms": 1e3 * (time.perf_counter() - t0) / repeats}
         else:
             buffers = [torch.empty_like(t) for t in tensors]
-            pin = _cpu_ms(lambda: [b.copy_(t) for b, t in zip(buffers, tensors)], repeats)
+            pin = cpu_ms(lambda: [b.copy_(t) for b, t in zip(buffers, tensors)], repeats)
             out[w] = {"pin_ms": pin, "transfer_ms": 1e3 * nbytes / PCIE_BYTES_PER_S}
     return out
 

@@ -20,6 +20,7 @@ from ..data.datasets import SegmentationDataset
 from ..errors import RsmtdfError
 from ..pipeline.resolve import cache_dataset
 from ..transforms.views import apply_view
+from .compact import fidelity_figure, stored_fidelity
 from .show import choose_samples, pca_rgb, view_images
 from .stats import THRESHOLDS, compute_stats, format_stats, write_json
 from .summary import format_cache
@@ -38,6 +39,10 @@ HOW_TO_READ = {
     "consistency.png": "Cosine similarity of tokens that lie on the same ground position in two stored views (blue), "
                        "against random token pairs of the same views (grey). Blue must sit clearly right of grey: "
                        "if they overlap, the stored views do not describe what the teachers saw (red title).",
+    "fidelity.png": "Token cosines of the stored targets to the full-precision ones, as each shard was written: the "
+                    "share of tokens below each cosine (log scales). Where a curve crosses the grey 1 % line is its "
+                    "1st percentile; the red line is the floor (the cache's min_cosine, else 0.99). A curve that "
+                    "rises early holds tokens the storage kind keeps badly.",
     "agreement.png": "Left: linear CKA between teachers on the same crop positions (1: the same features up to a "
                      "rotation and scale; low: the teachers see different things). Right: per-class separation "
                      "(|class mean − rest mean|² over their spread) from the masks: which teacher carries which class.",
@@ -77,6 +82,8 @@ def write_report(cache: FeatureCache, dataset: SegmentationDataset | None, out: 
     (tmp / "gallery").mkdir(parents=True)
     try:
         figures = plot_stats(stats, tmp)
+        if fidelities := {n: f for n, f in stored_fidelity(cache).items() if f is not None}:
+            figures.append(fidelity_figure(fidelities, tmp / "fidelity.png", stats["rate_bound"]["cosine"]).name)
         rows = write_gallery(cache, dataset, tmp / "gallery", gallery, seed, progress)
         write_json(stats, tmp / "stats.json")
         (tmp / "index.html").write_text(page(cache, stats, figures, rows))
@@ -257,6 +264,9 @@ def page(cache: FeatureCache, stats: dict, figures: list[str], rows: list[dict])
         parts.append(f'<figure><img src="{name}" alt="{esc(name)}"><figcaption>{esc(HOW_TO_READ[name])}'
                      "</figcaption></figure>")
     parts.append("</div>")
+    if "fidelity.png" not in figures:
+        parts.append("<p>Token cosines of the stored targets: this cache records none (made before rsmtdf measured "
+                     "what its storage keeps).</p>")
     if rows:
         teachers = [t.name for t in cache.identity.teachers]
         has_mask = any("mask_png" in r for r in rows)

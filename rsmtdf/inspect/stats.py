@@ -3,7 +3,8 @@ teachers differ. Streams over the cache (or a seeded random subset of samples) t
 reader; needs no GPU and no teacher weights.
 
 - Per teacher: token norms (min, percentiles, max), per-channel mean and variance, fractions of zero,
-  NaN and saturated values, and the variance spectrum (components explaining 90 / 99 / 99.9 %).
+  NaN and saturated values, the variance spectrum (components explaining 90 / 99 / 99.9 %) and the
+  rate–distortion bound it sets beside each storage kind's bytes (`compact`).
 - Cross-view consistency: each token of one stored view is placed on the sample (`geometry`) and
   compared (cosine) with the token of another stored view covering that ground position, against
   random token pairs of the same two views. Views replayed wrongly show no gap.
@@ -28,6 +29,7 @@ from ..errors import RsmtdfError
 from ..pipeline.resolve import cache_dataset
 from ..transforms.pixels import IGNORE
 from ..utils.files import write_whole
+from .compact import bound_lines, stats_bounds, stored_fidelity
 from .geometry import TokenGrid, match_teachers, token_grid, tokens_at, tokens_on_sample
 
 PERCENTILES = (1, 5, 25, 50, 75, 95, 99)
@@ -114,7 +116,7 @@ class FeatureStats:
             "fraction": {"zero": self.zeros / values, "saturated": self.saturated / values,
                          "nan_chunks": self.nan_chunks / (self.chunks + self.nan_chunks)},
             "spectrum": {"components": {str(t): int(np.searchsorted(explained, t - 1e-12) + 1) for t in THRESHOLDS},
-                         "explained": explained.tolist(), "tokens": self.cov_n},
+                         "explained": explained.tolist(), "variances": eig.tolist(), "tokens": self.cov_n},
         }
 
 
@@ -301,13 +303,15 @@ def compute_stats(cache: FeatureCache, dataset: SegmentationDataset | None, samp
             for v in good:
                 agree.add(chunks[v][p], chunks[v][q])
 
+    features = {n: f.result() for n, f in feature.items()}
     return {
         "cache": cache.url, "storage": ident.storage, "samples": len(order), "of_samples": cache.num_samples,
         "views": cache.num_views, "seed": seed, "crop_size": crop, "seconds": round(time.perf_counter() - start, 2),
         "samples_with_size": where["sizes"], "samples_with_mask": where["masks"],
         "masks_unread": {"samples": len(unread), "first": unread[0] if unread else None},
         "geometry": {n: asdict(g) for n, g in grids.items()},
-        "features": {n: f.result() for n, f in feature.items()},
+        "features": features, "rate_bound": stats_bounds(features, cache),
+        "fidelity": {n: f.record() if f else None for n, f in stored_fidelity(cache).items()},
         "consistency": {n: c.result() for n, c in consistency.items()},
         "agreement": {"cka": {f"{p}|{q}": g.result() for (p, q), g in pairs.items()},
                       "separation": {n: s.result() for n, s in separation.items()}},
@@ -380,6 +384,7 @@ def format_stats(result: dict, red=lambda s: s) -> str:
                                                                        for c in classes))
     elif result["samples_with_mask"] == 0 and not result["masks_unread"]["samples"]:
         lines += ["", "class separation: no masks reachable (the dataset named in the cache is not at hand)"]
+    lines += bound_lines(result["rate_bound"])
     if unread := result["masks_unread"]["samples"]:
         lines += ["", f"masks not read for {unread} of {result['samples']} samples, left out of the class separation "
                       f"(first: {result['masks_unread']['first']})"]

@@ -20,6 +20,7 @@ from ..config.recipe import Recipe
 from ..pipeline.resolve import Resolved, check_for_student, resolve
 from ..transforms.views import ViewSpec
 from ..utils.files import format_bytes
+from .compact import predicted_step, storage_estimate
 from .stats import format_stats, inspect_stats
 
 
@@ -122,6 +123,9 @@ def estimate_size(resolved: Resolved, teachers: list[Teacher], probe: int = 4) -
                  f"{per_sample_raw / per_sample_disk:.2f}x)")
     lines.append(f"decoded   {format_bytes(tile * n)}  (every training tile decoded in memory, per loader worker; "
                  f"[train] decoded_cache_mb = {recipe.train.decoded_cache_mb} MB each)")
+    lines += storage_estimate([TeacherLayout(t.name, t.num_tokens, t.dim) for t in teachers], spec.count, n, storage,
+                              getattr(recipe.teachers, "group_size", 16), predicted_step(resolved, teachers),
+                              recipe.train.batch_size)
     return "\n".join(lines)
 
 
