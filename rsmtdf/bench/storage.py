@@ -6,9 +6,9 @@ and of 64, pca; `cache.storage`):
 - the token cosine of what a reader decodes to the full-precision targets (mean, 1st percentile,
   min: `storage.Fidelity`) on (i) real EfficientNet-Lite0 and -Lite1 features (real weights) of the
   real LoveDA sample (`codec.real_features`) and (ii) ViT-like features at the paper's shapes
-  (`vit_like`: a ViT with random weights has no meaningful spectrum). pca's basis is fitted on every
-  token of the first half of the tiles (all their views) and every cosine is measured on the other
-  half, tiles the basis never saw;
+  (`vit_like`: a ViT with random weights has no meaningful spectrum). pca's basis is fitted as extraction
+  fits it, on tiles spread over the set (every other tile, all their views), and every cosine is
+  measured on the tiles in between, which the basis never saw;
 - each feature set's rate–distortion bound at cosine 0.99 (`inspect.compact.token_bound`, from the
   measured half's own covariance) beside each kind's bytes per token;
 - read ms of one batch of 8 + 8 (CPU, one thread): the kind's parts of 16 (sample, view)s of the
@@ -88,11 +88,10 @@ def kind_for(label: str, fit: np.ndarray, teacher: str) -> Kind | None:
 
 
 def fidelity(x: np.ndarray, teacher: str) -> tuple[dict, dict[str, Kind | None], dict]:
-    """Each kind's `Fidelity` record on the second half of (N, A, L, C) `x`, pca fitted on the first
-    half (None for a kind that cannot hold it); the kinds; the second half's rate–distortion bound
-    at `DEFAULT_FLOOR`."""
-    half = max(1, len(x) // 2)
-    fit, measured = x[:half].reshape(-1, x.shape[-1]), x[half:]
+    """Each kind's `Fidelity` record on the odd tiles of (N, A, L, C) `x`, pca fitted on the even
+    ones (None for a kind that cannot hold it); the kinds; the odd tiles' rate–distortion bound at
+    `DEFAULT_FLOOR`."""
+    fit, measured = x[0::2].reshape(-1, x.shape[-1]), x[1::2] if len(x) > 1 else x
     records, kinds = {}, {}
     for label in BENCHED:
         kinds[label] = kind = kind_for(label, fit, teacher)
@@ -194,7 +193,7 @@ def bench_storage(ctx: Context) -> dict:
     result = {"sizes": {"paper_shapes": PAPER, "timed_shapes": shapes, "loveda": f"{LOVEDA_TILES} tiles × "
                         f"{LOVEDA_VIEWS} views", "data": source, "batch": f"{BATCH} + {BATCH}",
                         "features": {s: list(x.shape) for s, x in sets.items()},
-                        "pca_fit": "every token of the first half of the tiles; cosines on the other half",
+                        "pca_fit": "every token of the even tiles (spread over the set, as extraction's probe); cosines on the odd tiles",
                         "threads": torch.get_num_threads(), "device": ctx.device},
               "kinds": kinds, "bounds": bounds,
               "ratios": {f"{label} MB/(tile, view)": {

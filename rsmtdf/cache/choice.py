@@ -1,6 +1,6 @@
 """Which kind each teacher stores, decided once, by the process that creates a cache: the request
-(`[teachers] storage` with its `StorageOptions`), pca's basis fitted on a probe of the first
-samples' targets, and `auto`'s choice, the smallest kind whose mean token cosine on that probe
+(`[teachers] storage` with its `StorageOptions`), pca's basis fitted on a probe of the targets of
+samples spread over the cache, and `auto`'s choice, the smallest kind whose mean token cosine on that probe
 meets the floor. The decision is written into the cache (`attrs["stored"]`, pca's basis as arrays),
 so every extraction worker, a resume and every reader store and decode the same way.
 """
@@ -19,7 +19,7 @@ from .storage import KINDS, Fidelity, Float16, Int4, Int8, Kind, Pca, roundtrip
 AUTO_FLOOR = 0.99  # auto's floor on the mean token cosine where the recipe sets none
 FIT_TOKENS = 65536  # at most this many of the probe's tokens (a seeded sample) fit pca's basis
 TOKENS_PER_CHANNEL = 4  # at least this many tokens per channel fit a basis that holds beyond them
-PROBED = ("pca", "auto")  # the requests decided on a probe of the first samples' targets
+PROBED = ("pca", "auto")  # the requests decided on a probe of samples' targets
 
 
 @dataclass(frozen=True)

@@ -80,7 +80,7 @@ class TeachersConfig:
                           doc="channels sharing one int4 scale (int4, auto)")
     min_cosine: float = key(0.0, PROBABILITY, doc="floor on each shard's mean token cosine of the stored targets "
                             "to the full-precision ones (0 = none; auto's default 0.99)")
-    probe_samples: int = key(8, at_least(1), doc="first samples whose targets fit pca's basis and measure auto's choice")
+    probe_samples: int = key(8, at_least(1), doc="samples (spread over the ids) whose targets fit pca's basis and measure auto's choice")
     sizes: dict[str, int] = key({}, POSITIVE_SIZES, doc="input size per teacher [default: the teacher's own]")
 
 

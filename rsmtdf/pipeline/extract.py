@@ -219,7 +219,7 @@ def extract(resolved: Resolved, teachers: list[Teacher], output: str, *, shard_s
 def decide_storage(resolved: Resolved, teachers: list[Teacher], ids: list[str], batch_size: int,
                    device: str) -> tuple[dict[str, Kind], list[str]]:
     """What each teacher of a new cache stores, and why (lines to print): the kind the request
-    names, or for pca and auto a decision on the targets of the first `probe_samples` samples, all
+    names, or for pca and auto a decision on the targets of `probe_samples` samples spread over the ids, all
     their views, computed as a shard's are (`cache.choice.choose`)."""
     ident, recipe = resolved.identity, resolved.recipe
     kind = fixed_kind(ident.storage, ident.storage_options)
@@ -239,15 +239,23 @@ def decide_storage(resolved: Resolved, teachers: list[Teacher], ids: list[str], 
 
 def probe_targets(resolved: Resolved, teachers: list[Teacher], ids: list[str], batch_size: int,
                   device: str) -> dict[str, np.ndarray]:
-    """Float32 targets (n, A, L, C) of the first `[teachers] probe_samples` of `ids` and all their
-    views, rendered and run as in a shard: the same on every worker that computes them."""
+    """Float32 targets (n, A, L, C) of `[teachers] probe_samples` of `ids` evenly spread over them
+    (a dataset's ids run scene by scene: the first few would fit one scene's features), with all
+    their views, rendered and run as in a shard: the same on every worker that computes them."""
     dataset, spec = resolved.dataset, resolved.recipe.view_spec()
-    chosen = ids[: resolved.identity.storage_options.probe_samples]
+    chosen = spread(ids, resolved.identity.storage_options.probe_samples)
     source = ViewSource(dataset, [dataset.index(i) for i in chosen], spec, resolved.scaling.teachers())
     items = [source[j] for j in range(len(source))]
     if failed := next((item for item in items if isinstance(item, str)), None):
         raise RsmtdfError(failed)
     return run_teachers(teachers, torch.cat([item[2] for item in items]), batch_size, device, len(chosen), spec.count)
+
+
+def spread(ids: list[str], n: int) -> list[str]:
+    """n of `ids` evenly spaced from the first to the last (all of them when there are no more)."""
+    if n >= len(ids):
+        return list(ids)
+    return [ids[round(j * (len(ids) - 1) / max(n - 1, 1))] for j in range(n)]
 
 
 def _floor_from(resolved: Resolved) -> str:
