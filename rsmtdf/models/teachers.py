@@ -6,6 +6,8 @@ small class turns a configuration into a frozen model. The targets are the paper
 - `dinov2_vitb14`: DINOv2-B/14 at the 518 view, block 11 patch tokens after the final LayerNorm.
 - `clip_vitl14`: OpenAI CLIP ViT-L/14 on the view resized to 224, last-block patch tokens
   *before* `ln_post` and the projection.
+- `dinov3_vitl16_sat`: Meta's DINOv3 ViT-L/16 pretrained on SAT-493M satellite imagery, at 560 px,
+  last-block (23) patch tokens after the final LayerNorm (the DINOv2 position; no CLS, no registers).
 
 Any timm model can be a teacher too (`timm:NAME[@SIZE][/LAYER]`): a ViT's block output or a CNN's
 feature map flattened to tokens; that is how the offline demo uses real EfficientNet-Lite weights.
@@ -29,6 +31,8 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 EFFNET_LITE_MEAN = (0.5, 0.5, 0.5)
 EFFNET_LITE_STD = (0.5, 0.5, 0.5)
+SAT493M_MEAN = (0.43, 0.411, 0.296)  # timm's pretrained cfg of vit_large_patch16_dinov3.sat493m
+SAT493M_STD = (0.213, 0.156, 0.143)
 
 
 @dataclass(frozen=True)
@@ -59,6 +63,16 @@ TEACHERS: dict[str, TeacherConfig] = {
         TeacherConfig(
             "dinov2_vitb14", "timm", "vit_base_patch14_dinov2.lvd142m", 518, layer=11, norm=True,
             weights=WeightSource("timm/vit_base_patch14_dinov2.lvd142m", "model.safetensors"),
+        ),
+        # 560 = 35 × 16 = 40 × 14: a 35×35 grid beside DINOv2's 37×37 at nearly the crop's own scale
+        # (560 / 518). 592 would give DINOv2's 37×37 exactly, but the student runs a pass at each
+        # teacher's input size and a patch-14 student cannot run at 592 (nor at 512); 560 is the
+        # common multiple of 14 and 16 nearest the 518 crop. DINOv3 uses RoPE (timm's Eva,
+        # dynamic_img_size), so any multiple of 16 works without interpolating position embeddings.
+        TeacherConfig(
+            "dinov3_vitl16_sat", "timm", "vit_large_patch16_dinov3.sat493m", 560, layer=23, norm=True,
+            mean=SAT493M_MEAN, std=SAT493M_STD,
+            weights=WeightSource("timm/vit_large_patch16_dinov3.sat493m", "model.safetensors"),
         ),
         TeacherConfig(
             "clip_vitl14", "open_clip", "ViT-L-14", 224, layer=23, norm=False,
