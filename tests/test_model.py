@@ -108,13 +108,16 @@ def test_fusion_arithmetic(weights: tuple[float, float]) -> None:
         feats = student.encoder(normalised(student, x))
         f = feats[-1]
         f_clip = student.encoder(F.interpolate(normalised(student, x), size=(56, 56), mode="bilinear", align_corners=True))[-1]
-        student_map = {"dino": f, "clip": f_clip, "coarse": F.interpolate(f, size=(3, 3), mode="bilinear")}
+        student_map = {"dino": f, "clip": f_clip}
         total = torch.zeros_like(f)
+        student_map["coarse"] = f  # translated on the student's own grid, then resized to the teacher's
         for t in teachers:
-            tokens = mlp(student_map[t.name].flatten(2).transpose(1, 2), student.translators[t.name])
-            assert torch.allclose(out.translated[t.name], tokens, atol=1e-5)
+            g = student_map[t.name]
+            tokens = mlp(g.flatten(2).transpose(1, 2), student.translators[t.name])
+            grid_map = tokens.transpose(1, 2).reshape(2, t.dim, *g.shape[-2:])
+            on_grid = F.interpolate(grid_map, size=(t.grid, t.grid), mode="bilinear") if t.name == "coarse" else grid_map
+            assert torch.allclose(out.translated[t.name], on_grid.flatten(2).transpose(1, 2), atol=1e-5)
             # The reference's order: resize the translated map to the student grid, then project.
-            grid_map = tokens.transpose(1, 2).reshape(2, t.dim, t.grid, t.grid)
             resized = F.interpolate(grid_map, size=(5, 5), mode="bilinear", align_corners=True)
             proj = student.projections[t.name]
             total += (resized.flatten(2).transpose(1, 2) @ proj.weight.T + proj.bias).transpose(1, 2).reshape(2, 48, 5, 5)
@@ -204,3 +207,43 @@ def test_config_is_json_and_rebuilds_the_same_model() -> None:
 def test_bad_arguments_say_why(kwargs: dict, message: str) -> None:
     with pytest.raises(RsmtdfError, match=message):
         vit_student(**kwargs)
+
+
+def _fused_logits(student: Student, x: torch.Tensor, translate_first: bool) -> torch.Tensor:
+    """The student's logits written out with its own modules, the DINO-sized teacher's translator
+    applied either on the student's grid and then resized (the reference's order) or after resizing
+    the student's features to the teacher's grid (rsmtdf before)."""
+    feats = student.encoder(normalised(student, x))
+    f = feats[-1]
+    fused = 0
+    for t in student.teachers:
+        g = f if t.input_size == CROP else student.encoder(F.interpolate(
+            normalised(student, x), size=(t.input_size,) * 2, mode="bilinear", align_corners=True))[-1]
+        if not translate_first and tuple(g.shape[-2:]) != (t.grid, t.grid):
+            g = F.interpolate(g, size=(t.grid, t.grid), mode="bilinear")
+        tokens = mlp(g.flatten(2).transpose(1, 2), student.translators[t.name])
+        proj = student.projections[t.name]
+        projected = (tokens @ proj.weight.T + proj.bias).transpose(1, 2).reshape(len(x), -1, *g.shape[-2:])
+        if tuple(projected.shape[-2:]) != tuple(f.shape[-2:]):
+            projected = F.interpolate(projected, size=tuple(f.shape[-2:]), mode="bilinear", align_corners=True)
+        fused = fused + projected
+    feats[-1] = student.w_self * f + student.w_teacher * fused
+    return F.interpolate(student.head(feats), size=tuple(x.shape[-2:]), mode="bilinear", align_corners=True)
+
+
+def test_the_translator_runs_on_the_students_grid_as_the_reference():
+    """At the crop size (the grids agree) both orders are the same numbers and the student's output
+    is theirs bit for bit; on a whole tile of another size (8×8 tokens for a 5×5 teacher grid) the
+    student follows the reference's translate-then-resize, which differs from resize-then-translate."""
+    student = vit_student([DINO, CLIP], translator_hidden=40).eval()
+    with torch.no_grad():
+        x = torch.rand(2, 3, CROP, CROP)
+        out = student(x)
+        assert torch.equal(out.logits, _fused_logits(student, x, True))
+        assert torch.equal(out.logits, _fused_logits(student, x, False))
+        tile = torch.rand(1, 3, 112, 112)
+        got = student(tile)
+        reference, before = _fused_logits(student, tile, True), _fused_logits(student, tile, False)
+    torch.testing.assert_close(got.logits, reference, rtol=1e-5, atol=1e-6)
+    assert (got.logits - before).abs().max() > 1e-5
+    assert got.translated["dino"].shape == (1, 25, 64)  # distilled on the teacher's grid

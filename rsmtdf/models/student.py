@@ -245,7 +245,8 @@ class Student(nn.Module):
     """Encoder + per-teacher translators and projections + DPT head.
 
     The deepest feature f becomes `w_self * f + w_teacher * sum_t resize(P_t(T_t(f_t)))`, where
-    f_t is the deepest feature of the input resized to the teacher's input size (the paper runs the
+    f_t is the deepest feature of the input resized to the teacher's input size and T_t runs
+    token-wise on f_t's grid; resize(T_t(f_t)) to the teacher's grid is what is distilled (the paper runs the
     student again on the 224 view for CLIP). With no teachers it is a plain DPT segmenter.
     """
 
@@ -335,13 +336,16 @@ class Student(nn.Module):
                 key = None if t.input_size == self.config["crop_size"] else t.input_size
                 if key not in deepest:
                     deepest[key] = self.encoder(_resize(x, (key, key), align_corners=True))[-1]
-                f_t = _resize(deepest[key], (t.grid, t.grid), align_corners=False)
-                tokens = self.translators[t.name](f_t.flatten(2).transpose(1, 2))
-                translated[t.name] = tokens
-                # Projecting on the teacher grid and then resizing equals the reference's
-                # resize-then-project: both maps are linear and bilinear weights sum to one (bias
-                # included); projecting first is cheaper.
-                projected = self.projections[t.name](tokens).transpose(1, 2).reshape(x.shape[0], -1, t.grid, t.grid)
+                # The translator (an MLP) runs token-wise on the student's own grid, as the reference's;
+                # its output is resized to the teacher's grid for distillation (a no-op at the crop
+                # size, where the grids agree).
+                g = deepest[key]
+                tokens = self.translators[t.name](g.flatten(2).transpose(1, 2))
+                grid_map = tokens.transpose(1, 2).reshape(x.shape[0], -1, *g.shape[-2:])
+                translated[t.name] = _resize(grid_map, (t.grid, t.grid), align_corners=False).flatten(2).transpose(1, 2)
+                # Projecting before resizing to f's grid equals the reference's resize-then-project:
+                # both maps are linear and bilinear weights sum to one (bias included).
+                projected = self.projections[t.name](tokens).transpose(1, 2).reshape(x.shape[0], -1, *g.shape[-2:])
                 fused = fused + _resize(projected, tuple(f.shape[-2:]), align_corners=True)
             feats[-1] = self.w_self * f + self.w_teacher * fused
         logits = _resize(self.head(feats), tuple(x.shape[-2:]), align_corners=True)
