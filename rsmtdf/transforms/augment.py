@@ -150,13 +150,14 @@ def strong_batch(x: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
 
 def strong_augment(x: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
     """The reference's photometric strong view of one (C, H, W) [0, 1] crop, with torchvision's
-    per-image functions: the definition `strong_batch` (what training runs, batched on the
-    device) is tested against. Draws as `draw_strong`.
+    per-image tensor functions: the definition `strong_batch` (what training runs, batched on the
+    device) is tested against. Draws as `draw_strong`. The reference itself runs these ops on PIL
+    uint8 images (and PIL's box-blur approximation of a Gaussian): each op here is within 1/255
+    mean absolute difference of PIL's on a real photograph (tests/test_augment.py, README).
 
     Colour ops (contrast, saturation, hue, grayscale) are defined on RGB, so they act on the first
     three channels (the teachers' bands) only; bands past them get the same brightness factor and
-    the same blur, the ops that mean the same on any band. Three channels give exactly the
-    reference's view."""
+    the same blur, the ops that mean the same on any band."""
     jitter, b, c, s, h, grey, blur, sigma = draw_strong(rng).tolist()
     rgb, extra = x[:3], x[3:]
     if jitter:
