@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
 import sys
 import traceback
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -226,3 +228,23 @@ def model_identity(class_names, dataset=None, splits: Path | None = None):
     data = DatasetIdentity.of(dataset) if dataset is not None else \
         DatasetIdentity("folder", "-", ClassTable(tuple(class_names)), None, None, "-")
     return Identity(data, SplitsIdentity.of(splits) if splits is not None else SplitsIdentity("-", None, "-"))
+
+
+@contextlib.contextmanager
+def killed_at_step(step: int) -> Iterator[None]:
+    """Inside the block, a training run stops (as if killed) when it reaches optimiser step `step`,
+    after that step's checkpoint: for resume tests in this process."""
+    from rsmtdf.train.trainer import Trainer
+
+    real = Trainer.train_step
+
+    def stopping(self, inp, against=None):
+        if self.step == step:
+            raise KeyboardInterrupt("killed")
+        return real(self, inp, against)
+
+    Trainer.train_step = stopping
+    try:
+        yield
+    finally:
+        Trainer.train_step = real

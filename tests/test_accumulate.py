@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT, train_run
+from conftest import ROOT, killed_at_step, train_run
 from rsmtdf.config.recipe import load_recipe
 
 
@@ -80,21 +80,11 @@ def test_schedule_logs_and_checkpoints_count_optimiser_steps(student_cache, tmp_
     assert ckpt["step"] == 3 and ckpt["scheduler"]["schedule"]["accumulate"] == 2
 
 
-def test_resume_with_accumulation_is_exact(student_cache, tmp_path, monkeypatch):
-    from rsmtdf.train.trainer import Trainer
-
+def test_resume_with_accumulation_is_exact(student_cache, tmp_path):
     args = ("--max-steps", "4", "--checkpoint-every", "2", "--set", "train.accumulate=2")
     train_run(student_cache, tmp_path / "whole", *args)
-    real = Trainer.train_step
-
-    def stop_at_2(self, inp, against=None):
-        if self.step == 2:
-            raise KeyboardInterrupt("killed")
-        return real(self, inp, against)
-
-    monkeypatch.setattr(Trainer, "train_step", stop_at_2)
-    assert train_run(student_cache, tmp_path / "stopped", *args, check=False).returncode != 0
-    monkeypatch.undo()
+    with killed_at_step(2):
+        assert train_run(student_cache, tmp_path / "stopped", *args, check=False).returncode != 0
     train_run(student_cache, tmp_path / "stopped", *args, "--resume")
     a, b = (torch.load(tmp_path / r / "latest.pt", weights_only=True) for r in ("whole", "stopped"))
     assert a["step"] == b["step"] == 4

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 import zarr
-from conftest import ROOT, STUDENT, run_cli, tiny_student, write_recipe
+from conftest import ROOT, STUDENT, killed_at_step, run_cli, tiny_student, write_recipe
 from test_errors import error_line, tree_hashes
 
 from rsmtdf.cache import FeatureCache
@@ -268,26 +268,16 @@ def _losses(run: Path) -> list[dict]:
 
 
 @pytest.mark.parametrize("kind", ["int4", "pca"])
-def test_a_compact_cache_trains_and_resumes_exactly(made, tmp_path, kind, monkeypatch):
+def test_a_compact_cache_trains_and_resumes_exactly(made, tmp_path, kind):
     """4 steps whole, and 4 steps stopped after the checkpoint at step 2 then resumed: the same
     weights and losses (the targets are decoded on the device from the same stored bytes)."""
-    from rsmtdf.train.trainer import Trainer
-
     def train(run: Path, *extra: str, check: bool = True):
         return run_cli("train", "--cache", made.cache(kind), "--split", "10pct", "-r", made.recipe(kind),
                        "--run-dir", run, "--max-steps", "4", "--checkpoint-every", "2", *extra, check=check)
 
     train(tmp_path / "whole")
-    real = Trainer.train_step
-
-    def stop_at_2(self, inp, against=None):
-        if self.step == 2:
-            raise KeyboardInterrupt("killed")
-        return real(self, inp, against)
-
-    monkeypatch.setattr(Trainer, "train_step", stop_at_2)
-    assert train(tmp_path / "stopped", check=False).returncode != 0
-    monkeypatch.undo()
+    with killed_at_step(2):
+        assert train(tmp_path / "stopped", check=False).returncode != 0
     assert torch.load(tmp_path / "stopped" / "latest.pt", weights_only=True)["step"] == 2
     train(tmp_path / "stopped", "--resume")
     a, b = (torch.load(tmp_path / r / "latest.pt", weights_only=True) for r in ("whole", "stopped"))
